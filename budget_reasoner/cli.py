@@ -1,0 +1,216 @@
+"""`budget-reasoner`: a thin typer shell over the Python API. Each command loads a preset and calls one function."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from budget_reasoner.errors import BudgetReasonerError
+
+app = typer.Typer(
+    help="Turn a small open model into a narrow-domain reasoner on one GPU (or the CPU): "
+    "generate verified chains, SFT, DPO, distill, eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+presets_app = typer.Typer(help="List and show the presets in presets/.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+
+PRESET_HELP = "Preset name (see `budget-reasoner presets list`) or a .yaml file; 'auto' picks one for this machine."
+SET_HELP = "Override a preset value, e.g. --set sft.max_steps=50 (repeatable)."
+REPORT_HELP = "Where to log training: 'none' or 'wandb' (honours WANDB_MODE=offline)."
+
+
+def friendly_errors(command):
+    """Bad input ends in one line, not a traceback; Ctrl-C says what was kept."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BudgetReasonerError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished shards and checkpoints are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _preset(name: str, overrides: list[str] | None):
+    from budget_reasoner.config import load_preset
+
+    parsed = {}
+    for item in overrides or []:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise BudgetReasonerError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.max_steps=50")
+        parsed[key.strip()] = yaml.safe_load(value)
+    if name == "auto":
+        name = "cpu-tiny"  # the GPU presets and their VRAM-based choice come with their own issue
+    return load_preset(name, parsed)
+
+
+def _report_to(value: str) -> str:
+    if value not in ("none", "wandb"):
+        raise BudgetReasonerError(f"--report-to must be 'none' or 'wandb', got {value!r}")
+    return value
+
+
+@app.command()
+@friendly_errors
+def quickstart(
+    domain: str = typer.Option("math", help="The narrow domain to train a reasoner for."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder; rerun with the same folder to resume."),
+    report_to: str = typer.Option("none", help=REPORT_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
+    from budget_reasoner.recipe import quickstart as run_quickstart
+    from budget_reasoner.report import markdown
+
+    results = run_quickstart(out, _preset(preset, set_), domain, _report_to(report_to))
+    typer.echo(markdown(results))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command("bootstrap")
+@friendly_errors
+def bootstrap_command(
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder; the models go to OUT/models."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Offline only: train the tiny teacher and student base from scratch (no hub needed)."""
+    from budget_reasoner.recipe import claim_run_folder, run_bootstrap
+
+    settings = _preset(preset, set_)
+    claim_run_folder(out, settings, "math")
+    run_bootstrap(out, settings)
+    typer.echo(f"models: {out / 'models'}")
+
+
+@app.command()
+@friendly_errors
+def generate(
+    teacher: str = typer.Option(..., help="Teacher model: a local path, a hub id, or openai:MODEL for an OpenAI-compatible server "
+                                          "(BUDGET_REASONER_TEACHER_URL)."),
+    out: Path = typer.Option(Path("runs/data"), help="Output folder: problems/, chains/, sft/, pairs/."),
+    domain: str = typer.Option("math", help="The narrow domain."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Sample chains from a teacher, keep the ones the verifier accepts, and build the SFT set and preference pairs."""
+    from budget_reasoner.generate import generate as run_generate
+    from budget_reasoner.hardware import detect
+    from budget_reasoner.recipe import make_teacher
+
+    settings = _preset(preset, set_)
+    summary = run_generate(out, settings, make_teacher(teacher, settings, detect(settings.device)), domain)
+    typer.echo(f"{summary['verified_chains']}/{summary['chains']} chains verified; "
+               f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}")
+
+
+@app.command("sft")
+@friendly_errors
+def sft_command(
+    data: Path = typer.Option(..., help="SFT set (JSONL, prompt/completion), e.g. runs/data/sft/train.jsonl."),
+    student: str = typer.Option(..., help="Student base model: a local path or a hub id."),
+    out: Path = typer.Option(Path("runs/sft"), help="Output folder for the LoRA adapter."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    report_to: str = typer.Option("none", help=REPORT_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """(Q)LoRA supervised fine-tuning of the student on verified chains."""
+    from budget_reasoner.train.sft import sft
+
+    record = sft(data, student, out, _preset(preset, set_), report_to=_report_to(report_to))
+    typer.echo(f"sft adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
+
+
+@app.command("dpo")
+@friendly_errors
+def dpo_command(
+    pairs: Path = typer.Option(..., help="Preference pairs (JSONL, prompt/chosen/rejected), e.g. runs/data/pairs/train.jsonl."),
+    sft_stage: Path = typer.Option(..., "--sft", help="The sft output folder; it is also the DPO reference."),
+    out: Path = typer.Option(Path("runs/dpo"), help="Output folder for the DPO adapter."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    report_to: str = typer.Option("none", help=REPORT_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """DPO on verified-vs-rejected chains, starting from and anchored to the SFT model."""
+    from budget_reasoner.train.dpo import dpo
+
+    record = dpo(pairs, sft_stage, out, _preset(preset, set_), report_to=_report_to(report_to))
+    typer.echo(f"dpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
+
+
+@app.command("distill")
+@friendly_errors
+def distill_command(
+    teacher: str = typer.Option(..., help="Teacher model path or hub id (must share the student's tokenizer)."),
+    data: Path = typer.Option(..., help="Sequence-level data: the SFT set the teacher's top-k is cached over."),
+    student: Path = typer.Option(..., help="The student stage folder to continue (e.g. runs/dpo)."),
+    out: Path = typer.Option(Path("runs/distill"), help="Output folder (the cache goes to OUT/cache)."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    report_to: str = typer.Option("none", help=REPORT_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Logit-level distillation: cache the teacher's top-k log-probs, then train the student with the KD loss."""
+    from budget_reasoner.train.distill import cache_teacher_topk, distill
+
+    settings = _preset(preset, set_)
+    cache_teacher_topk(teacher, data, out / "cache", settings)
+    record = distill(out / "cache", student, out, settings, report_to=_report_to(report_to))
+    typer.echo(f"distill adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: str = typer.Option(..., help="A model path or hub id, or a stage folder (sft/dpo/distill)."),
+    problems: Path = typer.Option(..., help="Problems JSONL (id, domain, question, answer, source), e.g. runs/data/problems/held_out.jsonl."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl and summary.json."),
+    domain: str = typer.Option("math", help="The narrow domain (picks the verifier)."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Held-out accuracy: greedy pass@1 and majority vote over sampled answers."""
+    from budget_reasoner.eval.run import evaluate
+
+    summary = evaluate(model, problems, out, _preset(preset, set_), domain)
+    typer.echo(" ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in summary.items()))
+
+
+@presets_app.command("list")
+@friendly_errors
+def presets_list():
+    """List the shipped presets."""
+    from budget_reasoner.config import available_presets
+
+    for name in available_presets():
+        typer.echo(name)
+
+
+@presets_app.command("show")
+@friendly_errors
+def presets_show(name: str = typer.Argument(..., help="Preset name or .yaml file.")):
+    """Print a preset with every default filled in."""
+    typer.echo(yaml.safe_dump(_preset(name, None).to_dict(), sort_keys=False))
+
+
+def main():
+    from budget_reasoner.progress import quiet_libraries
+
+    quiet_libraries()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Presets: typed dataclasses loaded from YAML, validated with one-line errors.
+
+A preset sizes every stage of the recipe to one machine. `load_preset("cpu-tiny")` reads
+`presets/cpu-tiny.yaml`; `load_preset("my.yaml")` reads any file. Keys missing from the file keep the
+defaults below; an unknown key or a value of the wrong type is a `BudgetReasonerError` naming the file
+and the dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from budget_reasoner.errors import BudgetReasonerError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of an offline model built from a config (used when the model name is `tiny-*`)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+
+
+@dataclass
+class ModelConfig:
+    # "tiny-student" / "tiny-teacher" build offline models inside the run folder; anything else is a
+    # hub id or a local path loaded with transformers (or Unsloth).
+    student: str = "tiny-student"
+    teacher: str = "tiny-teacher"
+    tiny_student: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tiny_teacher: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=768)
+    )
+    max_length: int = 160  # prompt + completion tokens seen in training
+    attention: str = "sdpa"  # "sdpa" | "eager"
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (QLoRA)
+    compute_dtype: str = "float32"  # "bfloat16" on Ampere+, "float16" on a T4, "float32" on the CPU
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class PretrainConfig:
+    """Offline bootstrap only: how long the tiny teacher and student base train from scratch."""
+
+    teacher_steps: int = 1200
+    student_steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    num_problems: int = 20000
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (sft, dpo, distill)."""
+
+    max_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 2e-3
+    warmup_ratio: float = 0.05
+    gradient_checkpointing: bool = False
+    fused_loss: bool = False
+    save_steps: int = 100  # checkpoints every N steps, so an interrupted stage resumes
+    optimizer: str = "adamw_torch"
+
+
+@dataclass
+class DpoConfig(TrainConfig):
+    beta: float = 0.1
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    top_k: int = 8  # teacher log-probs cached per token
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha goes to cross-entropy on the chain
+
+
+@dataclass
+class GenerateConfig:
+    num_train_problems: int = 1000
+    num_eval_problems: int = 300
+    min_steps: int = 2  # operations per problem
+    max_steps: int = 3
+    samples_per_problem: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 256  # prompts per generate() call
+    shard_size: int = 200  # problems per shard on disk; an interrupted run resumes at the last shard
+    seed: int = 0
+    instruction: str = ""  # appended to each question; real models want "Please reason step by step..."
+
+
+@dataclass
+class EvalConfig:
+    maj_k: int = 4
+    temperature: float = 0.7
+    max_new_tokens: int = 64
+    batch_size: int = 256
+
+
+@dataclass
+class Preset:
+    name: str = "custom"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_presets() -> list[str]:
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise BudgetReasonerError(f"preset file not found: {path}")
+        return path
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise BudgetReasonerError(
+            f"unknown preset {str(name_or_path)!r}; choose one of {', '.join(available_presets())} or pass a .yaml file"
+        )
+    return candidate
+
+
+def load_preset(name_or_path: str | Path = "cpu-tiny", overrides: dict[str, Any] | None = None) -> Preset:
+    """Load a preset by name (`presets/NAME.yaml`) or path, then apply dotted overrides like {"sft.max_steps": 5}."""
+    path = resolve_preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BudgetReasonerError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(raw, dict):
+        raise BudgetReasonerError(f"{path}: a preset must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return _build(Preset, raw, str(path), "")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _build(cls: type, raw: dict, source: str, prefix: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise BudgetReasonerError(f"{source}: unknown key {prefix + str(key)!r} (known: {', '.join(sorted(known))})")
+    values = {key: _coerce(hints[key], value, source, prefix + key) for key, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise BudgetReasonerError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build(hint, value, source, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise BudgetReasonerError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(item_type, item, source, f"{key}[{index}]") for index, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads 2e-3 as a string; accept it as the float it means
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise BudgetReasonerError(f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

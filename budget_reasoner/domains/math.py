@@ -1,0 +1,150 @@
+"""The math domain: procedural multi-step arithmetic problems with exact answers, and seed sets.
+
+A problem composes 2-3 operations, written in ordinary notation with the fewest parentheses:
+`(12+7-5)*3`. Its worked chain does one operation per line, so each line is a single-step skill:
+
+    <think>
+    12+7=19
+    19-5=14
+    14*3=42
+    </think>
+    \\boxed{42}
+
+Answering such a problem directly means composing the operations in one forward pass, which a small
+model does badly; writing the chain reduces it to steps it knows. That gap is what the recipe closes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from budget_reasoner.errors import BudgetReasonerError
+
+DOMAIN = "math"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_VALUE = 99  # every value stays in 0..99: arithmetic a tiny model learns in minutes, composition it does not
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+    steps: tuple[str, ...]  # "12+7=19", one per operation
+
+    @property
+    def id(self) -> str:
+        return problem_id(self.question)
+
+    def to_row(self, source: str) -> dict:
+        return {"id": self.id, "domain": DOMAIN, "question": self.question, "answer": self.answer, "source": source}
+
+
+def problem_id(question: str) -> str:
+    return "math-" + hashlib.sha1(question.encode()).hexdigest()[:12]
+
+
+def format_chain(steps: list[str] | tuple[str, ...], answer: str) -> str:
+    """The one chain format every stage writes and every verifier reads."""
+    return f"{THINK_OPEN}\n" + "".join(step + "\n" for step in steps) + f"{THINK_CLOSE}\n\\boxed{{{answer}}}"
+
+
+def format_direct(answer: str) -> str:
+    """An answer with an empty thought: how the student base is taught to reply."""
+    return format_chain([], answer)
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    return value + operand if op == "+" else value - operand if op == "-" else value * operand
+
+
+def random_problem(rng: random.Random, num_steps: int) -> Problem:
+    """Draw a problem of `num_steps` operations whose intermediate values stay in 0..MAX_VALUE."""
+    while True:
+        value = rng.randint(2, 20)
+        expression, steps = str(value), []
+        for _ in range(num_steps):
+            op = rng.choice("+-*")
+            operand = rng.randint(2, 4) if op == "*" else rng.randint(2, 9)
+            result = _apply(value, op, operand)
+            if not 0 <= result <= MAX_VALUE:
+                break
+            if op == "*" and not expression.isdigit() and not _is_product(expression):
+                expression = f"({expression})"
+            expression += f"{op}{operand}"
+            steps.append(f"{value}{op}{operand}={result}")
+            value = result
+        else:
+            assert eval(expression) == value, expression  # the notation must mean what the chain computes
+            return Problem(question=expression, answer=str(value), steps=tuple(steps))
+
+
+def _is_product(expression: str) -> bool:
+    """True when the expression's top level is already a product, so `a*b*c` needs no parentheses."""
+    depth = 0
+    for char in expression:
+        depth += char == "("
+        depth -= char == ")"
+        if depth == 0 and char in "+-":
+            return False
+    return True
+
+
+def make_problems(count: int, seed: int, min_steps: int, max_steps: int, exclude: set[str] = frozenset()) -> list[Problem]:
+    """`count` distinct problems, none of whose questions is in `exclude`; the same seed gives the same list."""
+    rng = random.Random(seed)
+    seen, problems = set(exclude), []
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > 50 * count + 1000:
+            raise BudgetReasonerError(f"could not draw {count} distinct problems with {min_steps}-{max_steps} steps")
+        problem = random_problem(rng, rng.randint(min_steps, max_steps))
+        if problem.question not in seen:
+            seen.add(problem.question)
+            problems.append(problem)
+    return problems
+
+
+def single_steps(problems: list[Problem]) -> list[Problem]:
+    """Each step of `problems` as a one-operation problem: the skills their chains use, in their proportions."""
+    skills = []
+    for problem in problems:
+        for step in problem.steps:
+            question, answer = step.split("=")
+            skills.append(Problem(question=question, answer=answer, steps=(step,)))
+    return skills
+
+
+def make_splits(num_train: int, num_eval: int, seed: int, min_steps: int, max_steps: int) -> tuple[list[Problem], list[Problem]]:
+    """Train and held-out problems that never share a question (the held-out split is drawn first)."""
+    held_out = make_problems(num_eval, seed + 1_000_003, min_steps, max_steps)
+    train = make_problems(num_train, seed, min_steps, max_steps, exclude={p.question for p in held_out})
+    return train, held_out
+
+
+def load_gsm8k(path_or_id: str, split: str = "train") -> list[dict]:
+    """GSM8K rows as problems (`id, domain, question, answer, source`), from a JSONL file or a hub id."""
+    rows = []
+    path = Path(path_or_id)
+    if path.exists():
+        with path.open() as handle:
+            for line_number, line in enumerate(handle, 1):
+                try:
+                    record = json.loads(line)
+                    rows.append((record["question"], record["answer"]))
+                except (json.JSONDecodeError, KeyError) as error:
+                    raise BudgetReasonerError(f"{path}: line {line_number}: not a GSM8K row ({error})") from None
+    else:  # a hub id such as "openai/gsm8k"; needs network access
+        import datasets
+
+        for record in datasets.load_dataset(path_or_id, "main", split=split):
+            rows.append((record["question"], record["answer"]))
+    return [
+        {"id": problem_id(question), "domain": DOMAIN, "question": question,
+         "answer": solution.split("####")[-1].strip().replace(",", ""), "source": f"gsm8k:{path_or_id}"}
+        for question, solution in rows
+    ]

@@ -1,0 +1,137 @@
+"""The generate stage: problems -> k teacher chains each -> verified SFT set and preference pairs.
+
+Folder written (`out`):
+    problems/train.jsonl, problems/held_out.jsonl   id, domain, question, answer, source
+    chains/shard-00000.jsonl ...                    every sampled chain with the verifier's verdict
+    sft/train.jsonl                                 prompt / completion (TRL conversational)
+    pairs/train.jsonl                               prompt / chosen / rejected (TRL conversational)
+Chains are written a shard of problems at a time; a rerun skips finished shards, so Ctrl-C loses at
+most the shard in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from budget_reasoner.config import Preset
+from budget_reasoner.domains import get_domain
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.eval.generation import chat_prompt
+from budget_reasoner.io import is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path, write_json, write_jsonl
+from budget_reasoner.progress import say
+from budget_reasoner.verify import check
+
+PROBLEM_COLUMNS = ("id", "domain", "question", "answer", "source")
+CHAIN_COLUMNS = ("id", "question", "answer", "completion", "correct", "teacher", "sample_index")
+MAX_SFT_CHAINS_PER_PROBLEM = 2
+MAX_PAIRS_PER_PROBLEM = 2
+
+
+def problem_settings(preset: Preset, domain: str) -> dict:
+    gen = preset.generate
+    return {"domain": domain, "num_train": gen.num_train_problems, "num_eval": gen.num_eval_problems,
+            "min_steps": gen.min_steps, "max_steps": gen.max_steps, "seed": gen.seed}
+
+
+def write_problems(folder: Path, preset: Preset, domain: str = "math") -> tuple[list[dict], list[dict]]:
+    """Draw (or reread) the train and held-out problems. A folder drawn with other settings is an error, not a mix."""
+    folder = Path(folder)
+    settings = problem_settings(preset, domain)
+    if is_complete(folder):
+        recorded = read_json(folder / "COMPLETE.json")["settings"]
+        if recorded != settings:
+            raise BudgetReasonerError(
+                f"{folder} holds problems drawn with other settings ({recorded}); use a new --out folder or delete it"
+            )
+        return read_jsonl(folder / "train.jsonl", PROBLEM_COLUMNS), read_jsonl(folder / "held_out.jsonl", PROBLEM_COLUMNS)
+    module = get_domain(domain)
+    gen = preset.generate
+    train, held_out = module.make_splits(gen.num_train_problems, gen.num_eval_problems, gen.seed, gen.min_steps, gen.max_steps)
+    train_rows = [p.to_row("procedural") for p in train]
+    held_rows = [p.to_row("procedural-held-out") for p in held_out]
+    write_jsonl(folder / "train.jsonl", train_rows)
+    write_jsonl(folder / "held_out.jsonl", held_rows)
+    mark_complete(folder, {"settings": settings})
+    return train_rows, held_rows
+
+
+def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
+    """Sample `samples_per_problem` chains per training problem from `teacher`, verify, build SFT set and pairs.
+
+    `teacher` is a backend from `budget_reasoner.generate.teachers` (anything with `.name` and `.sample`).
+    """
+    out = Path(out)
+    if is_complete(out):
+        say(f"generate: {out} is complete, skipping")
+        return read_json(out / "COMPLETE.json")
+    gen = preset.generate
+    problems, _ = write_problems(out / "problems", preset, domain)
+    started = time.time()
+    chains_dir = out / "chains"
+    for index, start in enumerate(range(0, len(problems), gen.shard_size)):
+        path = shard_path(chains_dir, index)
+        if path.exists():
+            continue  # finished before an interruption
+        shard = problems[start : start + gen.shard_size]
+        prompts = [chat_prompt(p["question"], gen.instruction) for p in shard]
+        samples = teacher.sample(prompts, gen.samples_per_problem, gen.temperature, gen.max_new_tokens, seed=gen.seed + index)
+        rows = [
+            {"id": p["id"], "question": p["question"], "answer": p["answer"], "completion": completion,
+             "correct": check(domain, completion, p["answer"]), "teacher": teacher.name, "sample_index": k}
+            for p, completions in zip(shard, samples)
+            for k, completion in enumerate(completions)
+        ]
+        write_jsonl(path, rows)
+        say(f"generate: shard {index} written ({sum(r['correct'] for r in rows)}/{len(rows)} chains verified)")
+    chains = read_shards(chains_dir, CHAIN_COLUMNS)
+    sft_rows = build_sft_rows(chains, gen.instruction)
+    pair_rows = build_pairs(chains, gen.instruction)
+    write_jsonl(out / "sft" / "train.jsonl", sft_rows)
+    write_jsonl(out / "pairs" / "train.jsonl", pair_rows)
+    summary = {
+        "teacher": teacher.name,
+        "problems": len(problems),
+        "chains": len(chains),
+        "verified_chains": sum(row["correct"] for row in chains),
+        "teacher_pass_rate": sum(row["correct"] for row in chains) / max(1, len(chains)),
+        "sft_examples": len(sft_rows),
+        "pairs": len(pair_rows),
+        "seconds": time.time() - started,
+    }
+    if not sft_rows:
+        raise BudgetReasonerError(f"generate: the verifier accepted none of {len(chains)} teacher chains; check the teacher and --preset")
+    write_json(out / "summary.json", summary)
+    mark_complete(out, summary)
+    return summary
+
+
+def _by_problem(chains: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for row in chains:
+        grouped.setdefault(row["id"], []).append(row)
+    return grouped
+
+
+def build_sft_rows(chains: list[dict], instruction: str = "") -> list[dict]:
+    """Verified chains as TRL prompt-completion rows: distinct correct chains, at most a few per problem."""
+    rows = []
+    for samples in _by_problem(chains).values():
+        kept = list(dict.fromkeys(row["completion"] for row in samples if row["correct"]))
+        for completion in kept[:MAX_SFT_CHAINS_PER_PROBLEM]:
+            rows.append({"id": samples[0]["id"], "prompt": chat_prompt(samples[0]["question"], instruction),
+                         "completion": [{"role": "assistant", "content": completion}]})
+    return rows
+
+
+def build_pairs(chains: list[dict], instruction: str = "") -> list[dict]:
+    """Preference pairs: a verified chain against a rejected one for the same problem."""
+    rows = []
+    for samples in _by_problem(chains).values():
+        chosen = list(dict.fromkeys(row["completion"] for row in samples if row["correct"]))
+        rejected = list(dict.fromkeys(row["completion"] for row in samples if not row["correct"]))
+        for good, bad in list(zip(chosen, rejected))[:MAX_PAIRS_PER_PROBLEM]:
+            rows.append({"id": samples[0]["id"], "prompt": chat_prompt(samples[0]["question"], instruction),
+                         "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    return rows

@@ -1,0 +1,173 @@
+"""Linear + cross-entropy and linear + top-k distillation losses that never hold the full logits.
+
+Strategy (Liger's): the tokens are cut into chunks; for each chunk the forward computes the chunk's
+logits, their log-sum-exp, the loss, and right away the gradient of the loss with respect to the
+chunk's hidden states and (accumulated) the weight, then drops the logits. Backward only scales the
+stored gradients by the incoming scalar. We pick this over recomputing in the backward (CCE's
+strategy) because training always calls backward right after forward, so the logits are computed
+once instead of twice; the price is that `reduction="none"` cannot precompute a weight gradient,
+so that reduction falls back to the same chunks under autograd (still chunked, still exact).
+
+Numerics: logits, log-sum-exp and `softmax - onehot` are computed in fp32 whatever the input dtype.
+
+The KD loss is forward KL from the teacher's top-k distribution (its cached log-probs renormalized over
+its top-k tokens, at `temperature`) to the student's distribution restricted to the same k tokens,
+scaled by temperature**2 (Hinton et al.), blended with the cross-entropy on the labels:
+    loss = alpha * T^2 * KL(p_teacher^k || q_student^k) + (1 - alpha) * CE(labels)
+Both are summed over label tokens and divided by `normalizer` (default: the number of label tokens),
+so gradient accumulation over micro-batches of different sizes can pass the global token count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "reference")
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return "torch" if backend == "auto" else backend
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_logprobs, alpha: float,
+                  temperature: float, ignore_index: int, need_grad: bool):
+    """Per-token loss of one chunk of fp32 logits, and (optionally) d(loss)/d(logits). Ignored tokens get 0."""
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0)
+    log_z = torch.logsumexp(logits, dim=-1)
+    losses = torch.zeros_like(log_z)
+    grad = None
+    if alpha < 1.0:
+        ce = log_z - logits.gather(1, safe_labels[:, None]).squeeze(1)
+        losses = losses + (1.0 - alpha) * ce
+        if need_grad:
+            grad = torch.softmax(logits, dim=-1)
+            grad.scatter_add_(1, safe_labels[:, None], -torch.ones_like(log_z)[:, None])
+            grad.mul_(1.0 - alpha)
+    if alpha > 0.0:
+        teacher = torch.softmax(topk_logprobs.float() / temperature, dim=-1)
+        student_scaled = logits.gather(1, topk_ids) / temperature
+        student_log_q = student_scaled - torch.logsumexp(student_scaled, dim=-1, keepdim=True)
+        kl = (teacher * (torch.log(teacher.clamp_min(1e-30)) - student_log_q)).sum(-1)
+        losses = losses + alpha * temperature**2 * kl
+        if need_grad:
+            # d(T^2 KL)/d(logit_j) = T * (q_j - p_j) on the top-k support, 0 elsewhere
+            kd_grad = alpha * temperature * (student_log_q.exp() - teacher)
+            grad = torch.zeros_like(logits) if grad is None else grad
+            grad.scatter_add_(1, topk_ids, kd_grad)
+    losses = torch.where(valid, losses, torch.zeros_like(losses))
+    if grad is not None:
+        grad = grad * valid[:, None]
+    return losses, grad
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, normalizer, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            stop = min(start + chunk_tokens, hidden.shape[0])
+            hidden_chunk = hidden[start:stop]
+            logits = (hidden_chunk @ weight.t()).float()
+            losses, grad_logits = _token_losses(
+                logits, labels[start:stop],
+                None if topk_ids is None else topk_ids[start:stop],
+                None if topk_logprobs is None else topk_logprobs[start:stop],
+                alpha, temperature, ignore_index, need_grad=True,
+            )
+            total += losses.sum()
+            grad_logits = grad_logits.div_(normalizer)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden_chunk.float())
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            None, None, None, None, None, None, None, None,
+        )
+
+
+def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens):
+    """`reduction="none"`: per-token losses, chunk by chunk under autograd with each chunk's logits checkpointed."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(hidden_chunk, labels_chunk, ids_chunk, lps_chunk):
+        logits = (hidden_chunk @ weight.t()).float()
+        return _token_losses(logits, labels_chunk, ids_chunk, lps_chunk, alpha, temperature, ignore_index, need_grad=False)[0]
+
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        pieces.append(checkpoint(chunk_loss, hidden[part], labels[part],
+                                 None if topk_ids is None else topk_ids[part],
+                                 None if topk_logprobs is None else topk_logprobs[part], use_reentrant=False))
+    return torch.cat(pieces)
+
+
+def _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer):
+    """The naive computation with the full tokens x V logits, for tests and benchmarks."""
+    logits = (hidden @ weight.t()).float()
+    valid = labels != ignore_index
+    losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    if alpha < 1.0:
+        losses = losses + (1.0 - alpha) * F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+    if alpha > 0.0:
+        teacher_log_p = F.log_softmax(topk_logprobs.float() / temperature, dim=-1)
+        student_log_q = F.log_softmax(logits.gather(1, topk_ids) / temperature, dim=-1)
+        kl = (teacher_log_p.exp() * (teacher_log_p - student_log_q)).sum(-1)
+        losses = losses + alpha * temperature**2 * kl
+    losses = torch.where(valid, losses, torch.zeros_like(losses))
+    return _reduce(losses, reduction, normalizer)
+
+
+def _reduce(losses, reduction, normalizer):
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / normalizer
+
+
+def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
+                 normalizer, backend, chunk_tokens):
+    backend = _check_backend(backend)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if normalizer is None:
+        normalizer = (labels != ignore_index).sum().clamp_min(1).item() if reduction == "mean" else 1.0
+    if backend == "reference":
+        return _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer)
+    if reduction == "none":
+        return _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens)
+    return _ChunkedLinearLoss.apply(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index,
+                                    float(normalizer), chunk_tokens)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                               reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` (tokens x H, V x H) against `labels`, without the full logits."""
+    return _linear_loss(hidden, weight, labels, None, None, 0.0, 1.0, ignore_index, reduction, normalizer, backend, chunk_tokens)
+
+
+def fused_linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                         labels: torch.Tensor, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
+                         reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Distillation loss against a teacher's cached top-k log-probs (tokens x k), blended with CE on `labels`."""
+    return _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
+                        normalizer, backend, chunk_tokens)

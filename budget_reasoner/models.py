@@ -1,0 +1,132 @@
+"""Load a model and tokenizer for the current backend, and build the offline tiny ones.
+
+Real models are hub ids or local paths, loaded with transformers (4-bit through bitsandbytes when the
+preset asks) or Unsloth on a CUDA machine that has it. With no hub to download from, the offline world
+builds its own: a byte-level BPE tokenizer trained on domain text (digits kept single, a ChatML template
+with `<think>`) and Qwen2 models from a config, so the code path is the same one that loads Qwen2.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from budget_reasoner.config import Preset, TinyModelConfig
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.hardware import Hardware
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = ("tiny-student", "tiny-teacher")
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # ordinary added tokens: they stay in decoded text for the verifier
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `corpus` (offline, deterministic). Digits stay single tokens so arithmetic is learnable."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINK_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, shape: TinyModelConfig, max_positions: int, seed: int) -> Qwen2ForCausalLM:
+    """A randomly initialized Qwen2 of the given shape, sized to the tokenizer."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(preset: Preset, hardware: Hardware) -> torch.dtype:
+    name = preset.quantization.compute_dtype
+    if hardware.device == "cpu":
+        return torch.float32  # bf16 matmuls are ~13x slower on this class of CPU
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, quantize: bool | None = None):
+    """Load a causal LM for training or inference, 4-bit when the preset asks and the backend allows."""
+    quantize = preset.quantization.load_in_4bit if quantize is None else quantize
+    dtype = torch_dtype(preset, hardware)
+    if hardware.backend == "unsloth" and quantize:
+        from unsloth import FastLanguageModel  # GPU-only; imported only when chosen
+
+        model, _ = FastLanguageModel.from_pretrained(
+            str(name_or_path), max_seq_length=preset.model.max_length, dtype=dtype, load_in_4bit=True
+        )
+        return model
+    kwargs = {"dtype": dtype, "attn_implementation": preset.model.attention}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except OSError as error:
+        raise BudgetReasonerError(f"cannot load model {str(name_or_path)!r}: {str(error).splitlines()[0]}") from None
+    if not quantize and hardware.device == "cuda":
+        model = model.to("cuda")
+    return model
+
+
+def describe_precision(preset: Preset, hardware: Hardware) -> str:
+    """The line every training stage logs, so nobody wonders whether 4-bit was really used."""
+    if preset.quantization.load_in_4bit:
+        return f"QLoRA: NF4 4-bit base weights (bitsandbytes) + {torch_dtype(preset, hardware)} LoRA on {hardware.device}"
+    return f"LoRA on a {torch_dtype(preset, hardware)} base on {hardware.device} (4-bit off in preset {preset.name})"

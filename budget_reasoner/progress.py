@@ -1,0 +1,44 @@
+"""Rich progress bars and console output shared by every long loop."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    # Bars redraw in a terminal; under CI or a pipe they would flood the log, so they stay quiet there.
+    quiet = not sys.stderr.isatty() or bool(os.environ.get("BUDGET_REASONER_QUIET"))
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    )
+
+
+def say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own bars and deprecation chatter out of the way of ours."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")

@@ -1,0 +1,146 @@
+"""quickstart: every stage in order into one run folder; finished stages are skipped, interrupted ones resume.
+
+    OUT/run.json            the preset this folder belongs to (another preset's run is refused)
+    OUT/models/             offline only: the tiny teacher and student base, trained from scratch
+    OUT/data/               generate: problems, teacher chains, the SFT set, preference pairs
+    OUT/sft/ dpo/ distill/  one LoRA adapter over the student base each (distill/cache: teacher top-k)
+    OUT/eval/NAME/          held-out accuracy of base, teacher, sft, dpo, distill
+    OUT/report.{md,json,png}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from budget_reasoner.config import Preset
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.eval.run import evaluate, load_for_inference
+from budget_reasoner.generate import generate
+from budget_reasoner.generate.pipeline import write_problems
+from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
+from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.io import is_complete, mark_complete, read_json, write_json
+from budget_reasoner.progress import quiet_libraries, say
+from budget_reasoner.report import write_report
+from budget_reasoner.train.distill import cache_teacher_topk, distill
+from budget_reasoner.train.dpo import dpo
+from budget_reasoner.train.pretrain import bootstrap
+from budget_reasoner.train.sft import sft
+
+STAGES = ("bootstrap", "generate", "sft", "dpo", "distill")
+
+
+def preset_fingerprint(preset: Preset) -> str:
+    return hashlib.sha256(json.dumps(preset.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def claim_run_folder(out: Path, preset: Preset, domain: str) -> None:
+    """Write run.json, or check that an existing run folder was made by the same preset and domain."""
+    record = {"preset": preset.name, "domain": domain, "fingerprint": preset_fingerprint(preset)}
+    path = out / "run.json"
+    if path.exists():
+        existing = read_json(path)
+        if existing.get("fingerprint") != record["fingerprint"] or existing.get("domain") != domain:
+            raise BudgetReasonerError(
+                f"{out} holds a run of preset {existing.get('preset')!r} (domain {existing.get('domain')!r}) with other "
+                f"settings; pass a new --out folder, or delete {out} to start over"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise BudgetReasonerError(f"{out} is not empty and holds no run.json; pass a new --out folder")
+    write_json(path, record)
+
+
+def model_paths(out: Path, preset: Preset) -> tuple[str, str]:
+    """(student base, teacher): offline names resolve into OUT/models, anything else is a hub id or path."""
+    student = str(out / "models" / "student-base") if preset.model.student == "tiny-student" else preset.model.student
+    teacher = str(out / "models" / "teacher") if preset.model.teacher == "tiny-teacher" else preset.model.teacher
+    return student, teacher
+
+
+def needs_bootstrap(preset: Preset) -> bool:
+    return preset.model.student == "tiny-student" or preset.model.teacher == "tiny-teacher"
+
+
+def run_bootstrap(out: Path, preset: Preset) -> dict:
+    models_dir = out / "models"
+    if is_complete(models_dir):
+        say(f"bootstrap: {models_dir} is complete, skipping")
+        return read_json(models_dir / "COMPLETE.json")
+    _, held_out = write_problems(out / "data" / "problems", preset)
+    started = time.time()
+    log = bootstrap(preset, models_dir, {row["question"] for row in held_out})
+    summary = {role: {"parameters": info["parameters"], "seconds": info["seconds"], "loss": info["loss"]} for role, info in log.items()}
+    summary["seconds"] = time.time() - started
+    mark_complete(models_dir, summary)
+    return summary
+
+
+def make_teacher(teacher: str, preset: Preset, hardware: Hardware):
+    if is_server_teacher(teacher):
+        return OpenAITeacher(teacher.removeprefix("openai:"))
+    model, tokenizer = load_for_inference(teacher, preset, hardware)
+    return TransformersTeacher(model, tokenizer, Path(teacher).name, preset.generate.batch_size)
+
+
+def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none") -> dict:
+    """Run the whole recipe into `out` and write the report. Returns the report as a dict."""
+    out = Path(out)
+    claim_run_folder(out, preset, domain)
+    quiet_libraries()
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    hardware = detect(preset.device)
+    say(f"budget-reasoner quickstart: preset {preset.name} on {hardware.describe()} -> {out}")
+    student, teacher = model_paths(out, preset)
+    held_out = out / "data" / "problems" / "held_out.jsonl"
+    results: dict = {"preset": preset.name, "domain": domain, "hardware": hardware.describe(), "stages": {}}
+    if needs_bootstrap(preset):
+        results["bootstrap"] = run_bootstrap(out, preset)
+    write_problems(out / "data" / "problems", preset, domain)
+
+    def held_out_eval(name: str, model: str | Path) -> dict:
+        return evaluate(model, held_out, out / "eval" / name, preset, domain, hardware, name=name)
+
+    results["teacher"] = held_out_eval("teacher", teacher) if not is_server_teacher(teacher) else {}
+    results["stages"]["base"] = {**held_out_eval("base", student)}
+    if not is_complete(out / "data"):
+        results["generate"] = generate(out / "data", preset, make_teacher(teacher, preset, hardware), domain)
+    else:
+        results["generate"] = read_json(out / "data" / "COMPLETE.json")
+    stage_runs = (
+        ("sft", lambda: sft(out / "data" / "sft" / "train.jsonl", student, out / "sft", preset, hardware, report_to)),
+        ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / "sft", out / "dpo", preset, hardware, report_to)),
+        ("distill", lambda: distill_with_cache(out, teacher, preset, hardware, report_to)),
+    )
+    for name, run_stage in stage_runs:
+        record = run_stage()
+        results["stages"][name] = {**held_out_eval(name, out / name), "train_seconds": record["seconds"], "loss": _losses(record["history"])}
+    results["seconds"] = _total_seconds(out, results)
+    write_report(out, results)
+    return results
+
+
+def distill_with_cache(out: Path, teacher: str, preset: Preset, hardware: Hardware, report_to: str) -> dict:
+    """Cache the teacher's top-k over the verified chains, then distill the dpo student against it."""
+    cache = out / "distill" / "cache"
+    cache_teacher_topk(teacher, out / "data" / "sft" / "train.jsonl", cache, preset, hardware)
+    return distill(cache, out / "dpo", out / "distill", preset, hardware, report_to)
+
+
+def _losses(history: list[dict]) -> list[dict]:
+    return [{"step": entry["step"], "loss": entry["loss"]} for entry in history if "loss" in entry]
+
+
+def _total_seconds(out: Path, results: dict) -> float:
+    """Compute spent across every session of this run: bootstrap, generation, training, evaluation."""
+    total = results.get("bootstrap", {}).get("seconds", 0.0) + results["generate"].get("seconds", 0.0)
+    total += sum(stage.get("train_seconds", 0.0) for stage in results["stages"].values())
+    total += sum(read_json(path)["seconds"] for path in (out / "eval").glob("*/summary.json"))
+    total += sum(read_json(path).get("seconds", 0.0) for path in [out / "distill" / "cache" / "COMPLETE.json"] if path.exists())
+    return total

@@ -1,0 +1,73 @@
+"""The report card of a run: report.json (the numbers), report.md (a table to read), report.png (the curves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from budget_reasoner.io import write_json
+
+STAGE_ORDER = ("base", "sft", "dpo", "distill")
+
+
+def _majority_key(summary: dict) -> str | None:
+    return next((key for key in summary if key.startswith("maj@")), None)
+
+
+def write_report(out: Path, results: dict) -> None:
+    out = Path(out)
+    write_json(out / "report.json", results)
+    (out / "report.md").write_text(markdown(results))
+    plot(results, out / "report.png")
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# budget-reasoner run: preset `{results['preset']}`, domain `{results['domain']}`",
+        "",
+        f"Hardware: {results['hardware']}. Total compute: {results['seconds'] / 60:.1f} min.",
+        "",
+        "Held-out accuracy on the same problems after each stage (greedy pass@1, and majority vote over samples):",
+        "",
+        "| model | accuracy | majority vote | train time |",
+        "|---|---|---|---|",
+    ]
+    rows = [(name, results["stages"][name]) for name in STAGE_ORDER if name in results["stages"]]
+    if results.get("teacher"):
+        rows.append(("teacher", results["teacher"]))
+    for name, summary in rows:
+        key = _majority_key(summary)
+        vote = f"{summary[key]:.1%} ({key})" if key and summary[key] is not None else "-"
+        train = f"{summary['train_seconds']:.0f} s" if "train_seconds" in summary else "-"
+        lines.append(f"| {name} | {summary['accuracy']:.1%} | {vote} | {train} |")
+    generated = results.get("generate", {})
+    if generated:
+        lines += ["", f"Generation: {generated.get('chains', 0)} teacher chains for {generated.get('problems', 0)} problems, "
+                      f"{generated.get('verified_chains', 0)} verified ({generated.get('teacher_pass_rate', 0):.1%}); "
+                      f"{generated.get('sft_examples', 0)} SFT examples, {generated.get('pairs', 0)} preference pairs."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("sft", "dpo", "distill"):
+        history = results["stages"].get(name, {}).get("loss", [])
+        if history:
+            losses.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
+    losses.set_xlabel("step")
+    losses.set_ylabel("training loss")
+    losses.set_title("loss per stage")
+    losses.legend()
+    names = [name for name in STAGE_ORDER if name in results["stages"]] + (["teacher"] if results.get("teacher") else [])
+    values = [(results["stages"].get(name) or results["teacher"])["accuracy"] for name in names]
+    bars = accuracy.bar(names, values, color=["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
+    accuracy.bar_label(bars, labels=[f"{v:.0%}" for v in values])
+    accuracy.set_ylim(0, 1)
+    accuracy.set_title("held-out accuracy (greedy)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,1 @@
+"""Training stages: thin wrappers over TRL trainers (sft, dpo, distill) and the offline bootstrap."""

@@ -1,0 +1,147 @@
+"""Pieces every training stage shares: encoding chat examples, padding, TrainingArguments from a preset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.io import mark_complete, read_json, write_json
+from budget_reasoner.models import load_model
+from budget_reasoner.progress import progress_bar, say
+
+
+def encode_prompt_completion(tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + assistant completion (ending in the EOS) and a mask that is 1 on the completion."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad (ids, completion mask) pairs into input_ids, attention_mask and labels (-100 off the completion)."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, (ids, mask) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), torch.tensor(-100))
+    return input_ids, attention_mask, labels
+
+
+def training_arguments(config_class, stage, preset, hardware, output_dir: Path, report_to: str, **extra):
+    """A TRL/transformers config from a preset's stage section, with the CPU traps handled in one place."""
+    on_cpu = hardware.device == "cpu"
+    return config_class(
+        output_dir=str(output_dir / "checkpoints"),
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(stage.warmup_ratio * stage.max_steps),
+        optim=stage.optimizer,
+        logging_steps=max(1, stage.max_steps // 50),
+        save_steps=stage.save_steps,
+        save_total_limit=1,
+        activation_checkpointing=stage.gradient_checkpointing,  # trl turns it on by default; tiny models lose speed
+        use_cpu=on_cpu,
+        bf16=hardware.supports_bf16 and preset.quantization.compute_dtype == "bfloat16",
+        fp16=hardware.device == "cuda" and preset.quantization.compute_dtype == "float16",
+        report_to=report_to,
+        seed=preset.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # our own rich bar (ProgressCallback) reports instead
+        **extra,
+    )
+
+
+def train_with_resume(trainer, output_dir: Path) -> list[dict]:
+    """Train, resuming from the newest checkpoint of an interrupted run; return the log history."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = output_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        say(f"resuming from {last}")
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
+    trainer.add_callback(RichProgressCallback())
+    trainer.train(resume_from_checkpoint=last)
+    return trainer.state.log_history
+
+
+def save_stage(output_dir: Path, model, tokenizer, base: str, history: list[dict], info: dict) -> dict:
+    """Write the adapter, tokenizer and stage record, then drop the checkpoints and mark the stage complete."""
+    if hasattr(model, "peft_config"):  # DPO holds a frozen "ref" copy beside "default"; only "default" is ours
+        model.save_pretrained(output_dir / "adapter", selected_adapters=["default"])
+    else:
+        model.save_pretrained(output_dir / "adapter")
+    tokenizer.save_pretrained(output_dir / "adapter")
+    record = {"base": str(base), "adapter": "adapter", "history": history, **info}
+    write_json(output_dir / "stage.json", record)
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    mark_complete(output_dir, {key: value for key, value in record.items() if key != "history"})
+    return record
+
+
+def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
+    """(base model path, adapter folder) of a finished stage; a plain model folder is its own base."""
+    stage_dir = Path(stage_dir)
+    if (stage_dir / "stage.json").is_file():
+        record = read_json(stage_dir / "stage.json")
+        return record["base"], stage_dir / record["adapter"]
+    if (stage_dir / "adapter_config.json").is_file():
+        return read_json(stage_dir / "adapter_config.json")["base_model_name_or_path"], stage_dir
+    return str(stage_dir), None
+
+
+def load_for_training(stage_or_model: str | Path, preset, hardware, trainable: bool = True):
+    """The model a stage starts from: a base model, or a base with a previous stage's adapter (trainable)."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    base, adapter = stage_model_paths(Path(stage_or_model))
+    model = load_model(base, preset, hardware)
+    if preset.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    return model, base
+
+
+def peft_lora_config(preset):
+    from peft import LoraConfig
+
+    if "lm_head" in preset.lora.target_modules:
+        raise BudgetReasonerError(
+            "lora.target_modules: a LoRA adapter on lm_head is not supported (the chunked losses read lm_head.weight "
+            "directly, so the adapter would be silently ignored); remove 'lm_head'"
+        )
+    return LoraConfig(r=preset.lora.r, lora_alpha=preset.lora.alpha, lora_dropout=preset.lora.dropout,
+                      target_modules=preset.lora.target_modules, task_type="CAUSAL_LM")
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar over optimizer steps, with the latest loss."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = progress_bar()
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.bar.update(self.task, description=f"train loss {logs['loss']:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.stop()

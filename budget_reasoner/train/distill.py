@@ -1,0 +1,168 @@
+"""The distill stage: the student learns the teacher's distribution, not only its sampled chains.
+
+1. `cache_teacher_topk`: one teacher forward over each sequence-level example (the verified chains),
+   keeping the top-k log-probs at every completion position. The cache is what makes 70B -> 7B KD
+   affordable: the teacher runs once (on any machine), the student trains against a few floats a token.
+2. `distill`: continues the student's adapter with `fused_linear_kd_loss` (forward KL on the teacher's
+   top-k, blended with cross-entropy on the chain), computed in chunks from the final hidden states
+   so the full logits never exist.
+Cache columns (data contract): input_ids, completion_mask, topk_ids, topk_logprobs; the teacher name and
+tokenizer hash sit in the cache's COMPLETE.json and must match the student's tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from budget_reasoner.config import Preset
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.io import is_complete, mark_complete, read_json, read_jsonl, write_jsonl
+from budget_reasoner.kernels import fused_linear_kd_loss
+from budget_reasoner.models import describe_precision, load_model, load_tokenizer
+from budget_reasoner.progress import progress_bar, say
+from budget_reasoner.train.common import encode_prompt_completion, load_for_training, save_stage, train_with_resume, training_arguments
+from budget_reasoner.train.sft import SFT_COLUMNS
+
+CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Two tokenizers with the same vocabulary and template hash the same; KD needs exactly that."""
+    payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path, preset: Preset,
+                       hardware: Hardware | None = None) -> dict:
+    """Run the teacher once over every example of `sft_file`; save top-k log-probs of each completion position."""
+    cache_dir = Path(cache_dir)
+    if is_complete(cache_dir):
+        return read_json(cache_dir / "COMPLETE.json")
+    hardware = hardware or detect(preset.device)
+    rows = read_jsonl(sft_file, SFT_COLUMNS)
+    started = time.time()
+    teacher = load_model(teacher_path, preset, hardware, quantize=False).eval()
+    tokenizer = load_tokenizer(teacher_path)
+    top_k = preset.distill.top_k
+    batch_size = max(1, preset.generate.batch_size // 4)
+    shard_rows = []
+    with progress_bar() as bar:
+        task = bar.add_task("cache teacher top-k", total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            encoded = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
+                       for row in rows[start : start + batch_size]]
+            length = max(len(ids) for ids, _ in encoded)
+            input_ids = torch.full((len(encoded), length), tokenizer.pad_token_id)
+            attention = torch.zeros((len(encoded), length), dtype=torch.long)
+            for i, (ids, _) in enumerate(encoded):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention[i, : len(ids)] = 1
+            device = next(teacher.parameters()).device
+            logits = teacher(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+            for i, (ids, mask) in enumerate(encoded):
+                # position t predicts token t + 1: keep positions whose next token is in the completion
+                shard_rows.append({
+                    "input_ids": ids, "completion_mask": mask,
+                    "topk_ids": top.indices[i, : len(ids)].tolist(),
+                    "topk_logprobs": [[round(v, 5) for v in row] for row in top.values[i, : len(ids)].tolist()],
+                })
+            bar.advance(task, len(encoded))
+    write_jsonl(cache_dir / "cache.jsonl", shard_rows)
+    info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(shard_rows),
+            "seconds": time.time() - started}
+    mark_complete(cache_dir, info)
+    return info
+
+
+def collate_kd(examples: list[dict], pad_id: int) -> dict:
+    """Pad cache rows; labels are the next tokens on completion positions (already shifted), -100 elsewhere."""
+    length = max(len(e["input_ids"]) for e in examples)
+    k = len(examples[0]["topk_ids"][0])
+    batch = {
+        "input_ids": torch.full((len(examples), length), pad_id),
+        "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+        "kd_labels": torch.full((len(examples), length), -100),
+        "topk_ids": torch.zeros((len(examples), length, k), dtype=torch.long),
+        "topk_logprobs": torch.zeros((len(examples), length, k)),
+    }
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids = torch.tensor(e["input_ids"])
+        batch["input_ids"][i, :n] = ids
+        batch["attention_mask"][i, :n] = 1
+        next_is_completion = torch.tensor(e["completion_mask"][1:]) == 1
+        batch["kd_labels"][i, : n - 1] = torch.where(next_is_completion, ids[1:], torch.tensor(-100))
+        batch["topk_ids"][i, :n] = torch.tensor(e["topk_ids"])
+        batch["topk_logprobs"][i, :n] = torch.tensor(e["topk_logprobs"])
+    return batch
+
+
+class KDTrainer(Trainer):
+    """A transformers Trainer whose loss is the chunked KD loss on the final hidden states."""
+
+    def __init__(self, *args, kd_alpha: float, kd_temperature: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
+        self.loss_is_scaled_for_ga = True  # compute_loss already divides by the accumulated batch's token count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["kd_labels"]
+        decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+        hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        keep = labels != -100  # only completion positions reach the lm_head: prompt tokens cost nothing
+        # normalize by the label tokens of the whole accumulated batch, not this micro-batch
+        normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        loss = fused_linear_kd_loss(
+            hidden[keep], model.get_output_embeddings().weight, inputs["topk_ids"][keep], inputs["topk_logprobs"][keep],
+            labels[keep], temperature=self.kd_temperature, alpha=self.kd_alpha, normalizer=float(normalizer),
+        )
+        return (loss, None) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return sum(int((batch["kd_labels"] != -100).sum()) for batch in batch_samples)
+
+
+def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
+            report_to: str = "none") -> dict:
+    """Continue the student (a stage folder with an adapter) on the teacher's cached top-k distribution."""
+    from datasets import Dataset
+    from peft import get_peft_model
+
+    out = Path(out)
+    if is_complete(out):
+        say(f"distill: {out} is complete, skipping")
+        return read_json(out / "stage.json")
+    hardware = hardware or detect(preset.device)
+    info = read_json(Path(cache_dir) / "COMPLETE.json")
+    rows = read_jsonl(Path(cache_dir) / "cache.jsonl", CACHE_COLUMNS)
+    model, base = load_for_training(student_stage, preset, hardware, trainable=True)
+    tokenizer = load_tokenizer(base)
+    if tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
+        raise BudgetReasonerError(
+            f"{cache_dir}: cached with tokenizer {info['tokenizer_hash']} of {info['teacher']}, but the student's is "
+            f"{tokenizer_hash(tokenizer)}; logit-level KD needs a shared vocabulary (use sequence-level data only)"
+        )
+    if not hasattr(model, "peft_config"):
+        from budget_reasoner.train.common import peft_lora_config
+
+        model = get_peft_model(model, peft_lora_config(preset))
+    settings = preset.distill
+    args = training_arguments(TrainingArguments, settings, preset, hardware, out, report_to, remove_unused_columns=False)
+    trainer = KDTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                        data_collator=lambda examples: collate_kd(examples, tokenizer.pad_token_id),
+                        kd_alpha=settings.alpha, kd_temperature=settings.temperature)
+    say(f"distill: {len(rows)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
+        f"{describe_precision(preset, hardware)}")
+    started = time.time()
+    history = train_with_resume(trainer, out)
+    return save_stage(out, trainer.model, tokenizer, base, history,
+                      {"stage": "distill", "examples": len(rows), "seconds": time.time() - started})

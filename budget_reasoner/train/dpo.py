@@ -1,0 +1,57 @@
+"""The dpo stage: DPO on verified-vs-rejected chain pairs, starting from (and anchored to) the SFT model.
+
+The reference model must be the SFT model, not the untrained base. With LoRA that costs no second copy
+of the weights: the SFT adapter is loaded as the trainable "default" adapter, and TRL's DPOTrainer,
+given a PEFT model that already has an adapter, adds a frozen copy of it named "ref" and computes the
+reference log-probs through that copy. (Disabling the only adapter instead would make the base the
+reference, a known trap; tests/test_dpo.py checks the reference log-probs equal the SFT model's.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from budget_reasoner.config import Preset
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.io import is_complete, read_json, read_jsonl
+from budget_reasoner.models import describe_precision, load_tokenizer
+from budget_reasoner.progress import say
+from budget_reasoner.train.common import load_for_training, save_stage, train_with_resume, training_arguments
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: Hardware, report_to: str = "none"):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    rows = read_jsonl(pairs_file, PAIR_COLUMNS)
+    if not rows:
+        raise BudgetReasonerError(f"{pairs_file}: no preference pairs (the teacher was never both right and wrong on a problem)")
+    dataset = Dataset.from_list([{key: row[key] for key in PAIR_COLUMNS} for row in rows])
+    model, base = load_for_training(sft_stage, preset, hardware, trainable=True)
+    if not hasattr(model, "peft_config"):
+        raise BudgetReasonerError(f"{sft_stage}: dpo starts from an sft stage folder (base + LoRA adapter)")
+    tokenizer = load_tokenizer(base)
+    args = training_arguments(DPOConfig, preset.dpo, preset, hardware, Path(out), report_to,
+                              beta=preset.dpo.beta, max_length=preset.model.max_length)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return trainer, tokenizer, base, len(rows)
+
+
+def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: Hardware | None = None,
+        report_to: str = "none") -> dict:
+    """Continue the SFT adapter with DPO on `pairs_file`; write the new adapter (same base) to `out`."""
+    out = Path(out)
+    if is_complete(out):
+        say(f"dpo: {out} is complete, skipping")
+        return read_json(out / "stage.json")
+    hardware = hardware or detect(preset.device)
+    trainer, tokenizer, base, num_pairs = build_dpo_trainer(pairs_file, sft_stage, out, preset, hardware, report_to)
+    say(f"dpo: {num_pairs} pairs, beta {preset.dpo.beta}, reference = the sft adapter; {describe_precision(preset, hardware)}")
+    started = time.time()
+    history = train_with_resume(trainer, out)
+    return save_stage(out, trainer.model, tokenizer, base, history,
+                      {"stage": "dpo", "pairs": num_pairs, "seconds": time.time() - started})

@@ -1,0 +1,46 @@
+"""The sft stage: (Q)LoRA supervised fine-tuning of the student on verified chains, through TRL's SFTTrainer.
+
+Input: an SFT set in TRL's conversational prompt-completion format (`generate` writes one). The loss
+is on the completion only. Output: a LoRA adapter over the student base, plus `stage.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from budget_reasoner.config import Preset
+from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.io import is_complete, read_json, read_jsonl
+from budget_reasoner.models import describe_precision, load_tokenizer
+from budget_reasoner.progress import say
+from budget_reasoner.train.common import load_for_training, peft_lora_config, save_stage, train_with_resume, training_arguments
+
+SFT_COLUMNS = ("prompt", "completion")
+
+
+def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
+        report_to: str = "none") -> dict:
+    """Fine-tune `student` (a model path or hub id) with a fresh LoRA adapter on `sft_file` (JSONL); write to `out`."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    out = Path(out)
+    if is_complete(out):
+        say(f"sft: {out} is complete, skipping")
+        return read_json(out / "stage.json")
+    hardware = hardware or detect(preset.device)
+    rows = read_jsonl(sft_file, SFT_COLUMNS)
+    dataset = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
+    model, base = load_for_training(student, preset, hardware)
+    tokenizer = load_tokenizer(base)
+    say(f"sft: {len(rows)} chains; {describe_precision(preset, hardware)}")
+    args = training_arguments(SFTConfig, preset.sft, preset, hardware, out, report_to,
+                              max_length=preset.model.max_length, completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_lora_config(preset))
+    started = time.time()
+    history = train_with_resume(trainer, out)
+    return save_stage(out, trainer.model, tokenizer, base, history,
+                      {"stage": "sft", "examples": len(rows), "seconds": time.time() - started,
+                       "precision": describe_precision(preset, hardware)})

@@ -1,0 +1,78 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("BUDGET_REASONER_QUIET", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Every stage at toy size: models of a few thousand parameters, a handful of steps. Seconds, not minutes.
+TINY = {
+    "pretrain.teacher_steps": 30, "pretrain.student_steps": 20, "pretrain.batch_size": 16, "pretrain.num_problems": 400,
+    "model.tiny_student.hidden_size": 32, "model.tiny_student.intermediate_size": 64, "model.tiny_student.num_layers": 1,
+    "model.tiny_student.num_heads": 2, "model.tiny_student.num_kv_heads": 1,
+    "model.tiny_teacher.hidden_size": 32, "model.tiny_teacher.intermediate_size": 64, "model.tiny_teacher.num_layers": 2,
+    "model.tiny_teacher.num_heads": 2, "model.tiny_teacher.num_kv_heads": 1,
+    "generate.num_train_problems": 24, "generate.num_eval_problems": 12, "generate.samples_per_problem": 3,
+    "generate.shard_size": 10, "generate.max_new_tokens": 24, "generate.batch_size": 32,
+    "sft.max_steps": 6, "sft.batch_size": 4, "sft.save_steps": 3,
+    "dpo.max_steps": 3, "dpo.batch_size": 2, "dpo.save_steps": 3,
+    "distill.max_steps": 3, "distill.batch_size": 4, "distill.save_steps": 3,
+    "eval.maj_k": 2, "eval.max_new_tokens": 24, "eval.batch_size": 32,
+    "lora.r": 4, "lora.alpha": 8,
+}
+
+
+@pytest.fixture
+def tiny_preset():
+    from budget_reasoner.config import load_preset
+
+    return load_preset("cpu-tiny", dict(TINY))
+
+
+class ScriptedTeacher:
+    """A stand-in teacher for toy-sized tests: a 30-step model verifies nothing, so the chains come from the
+    problems' own worked steps. Even samples are right; odd ones end on a wrong answer (so pairs exist)."""
+
+    name = "scripted"
+
+    def sample(self, prompts, num_samples, temperature, max_new_tokens, seed):
+        from budget_reasoner.domains.math import format_chain
+
+        completions = []
+        for prompt in prompts:
+            question = prompt[-1]["content"]
+            steps, value = _solve(question)
+            completions.append([format_chain(steps, str(value + (k % 2))) for k in range(num_samples)])
+        return completions
+
+
+def _solve(question: str):
+    """Worked steps of a generated problem by replaying its operators left to right."""
+    import re
+
+    tokens = re.findall(r"\d+|[+*-]", question)
+    value, steps = int(tokens[0]), []
+    for op, operand in zip(tokens[1::2], tokens[2::2]):
+        result = {"+": value + int(operand), "-": value - int(operand), "*": value * int(operand)}[op]
+        steps.append(f"{value}{op}{operand}={result}")
+        value = result
+    return steps, value
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One whole toy quickstart, shared by the tests that inspect its stages."""
+    from budget_reasoner import recipe
+    from budget_reasoner.config import load_preset
+
+    out = tmp_path_factory.mktemp("run") / "quick"
+    preset = load_preset("cpu-tiny", dict(TINY))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe, "make_teacher", lambda *args: ScriptedTeacher())
+        results = recipe.quickstart(out, preset)
+    return out, preset, results
