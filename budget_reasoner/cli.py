@@ -57,8 +57,12 @@ def _preset(name: str, overrides: list[str] | None):
 
 
 def _report_to(value: str) -> str:
+    import importlib.util
+
     if value not in ("none", "wandb"):
         raise BudgetReasonerError(f"--report-to must be 'none' or 'wandb', got {value!r}")
+    if value == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise BudgetReasonerError("--report-to wandb needs wandb: pip install -e '.[wandb]'")
     return value
 
 

@@ -92,6 +92,9 @@ class TrainConfig:
 @dataclass
 class DpoConfig(TrainConfig):
     beta: float = 0.1
+    # weight of an NLL term on the chosen chain beside the DPO loss (RPO / Iterative RPO for reasoning):
+    # pure DPO on pairs that differ in one digit lowers the chosen chain's likelihood too and can collapse
+    sft_weight: float = 1.0
 
 
 @dataclass

@@ -26,7 +26,7 @@ from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher
 from budget_reasoner.hardware import Hardware, detect
 from budget_reasoner.io import is_complete, mark_complete, read_json, write_json
 from budget_reasoner.progress import quiet_libraries, say
-from budget_reasoner.report import write_report
+from budget_reasoner.report import log_to_wandb, write_report
 from budget_reasoner.train.distill import cache_teacher_topk, distill
 from budget_reasoner.train.dpo import dpo
 from budget_reasoner.train.pretrain import bootstrap
@@ -123,6 +123,8 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         results["stages"][name] = {**held_out_eval(name, out / name), "train_seconds": record["seconds"], "loss": _losses(record["history"])}
     results["seconds"] = _total_seconds(out, results)
     write_report(out, results)
+    if report_to == "wandb":
+        log_to_wandb(results)
     return results
 
 

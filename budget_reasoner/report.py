@@ -71,3 +71,14 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def log_to_wandb(results: dict) -> None:
+    """One wandb run with the held-out accuracies of every stage (the trainers log their own curves)."""
+    import wandb
+
+    run = wandb.init(project="budget-reasoner", name=f"{results['preset']}-report", job_type="report", config={"preset": results["preset"]})
+    run.log({f"accuracy/{name}": summary["accuracy"] for name, summary in results["stages"].items()}
+            | ({"accuracy/teacher": results["teacher"]["accuracy"]} if results.get("teacher") else {}))
+    run.summary["seconds"] = results["seconds"]
+    run.finish()

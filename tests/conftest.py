@@ -5,6 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("BUDGET_REASONER_QUIET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors (read when a kernel is defined)
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import random
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from budget_reasoner.errors import BudgetReasonerError
@@ -124,6 +127,51 @@ def make_splits(num_train: int, num_eval: int, seed: int, min_steps: int, max_st
     held_out = make_problems(num_eval, seed + 1_000_003, min_steps, max_steps)
     train = make_problems(num_train, seed, min_steps, max_steps, exclude={p.question for p in held_out})
     return train, held_out
+
+
+_OPERATORS = {"Add": operator.add, "Sub": operator.sub, "Mult": operator.mul, "Div": operator.truediv}
+_STEP = re.compile(r"^\s*([\d+\-*/(). ]+?)\s*=\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+def _evaluate_arithmetic(expression: str) -> Fraction | None:
+    """Exact value of + - * / arithmetic on numbers (no names, no calls); None when it is anything else."""
+    import ast
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op).__name__ in _OPERATORS:
+            return _OPERATORS[type(node.op).__name__](walk(node.left), walk(node.right))
+        raise ValueError(node)
+
+    try:
+        return walk(ast.parse(expression, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def first_wrong_step(completion: str) -> int | None:
+    """Index of the first line of the form `expression=number` whose arithmetic is false (a step-level check)."""
+    for index, line in enumerate(completion.split("\n")):
+        match = _STEP.match(line)
+        if match:
+            value = _evaluate_arithmetic(match.group(1))
+            if value is not None and value != Fraction(match.group(2)):
+                return index
+    return None
+
+
+def rejected_prefix(completion: str) -> str:
+    """A rejected chain cut just after its first wrong step (Step-DPO style).
+
+    The steps after an error are often right given the wrong value; pushing their likelihood down
+    would teach the student that correct arithmetic is bad. Cut there, DPO lowers only the error.
+    A chain without a checkable wrong step is kept whole.
+    """
+    index = first_wrong_step(completion)
+    return completion if index is None else "\n".join(completion.split("\n")[: index + 1])
 
 
 def load_gsm8k(path_or_id: str, split: str = "train") -> list[dict]:

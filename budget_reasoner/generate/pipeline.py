@@ -86,7 +86,7 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
         say(f"generate: shard {index} written ({sum(r['correct'] for r in rows)}/{len(rows)} chains verified)")
     chains = read_shards(chains_dir, CHAIN_COLUMNS)
     sft_rows = build_sft_rows(chains, gen.instruction)
-    pair_rows = build_pairs(chains, gen.instruction)
+    pair_rows = build_pairs(chains, gen.instruction, getattr(get_domain(domain), "rejected_prefix", None))
     write_jsonl(out / "sft" / "train.jsonl", sft_rows)
     write_jsonl(out / "pairs" / "train.jsonl", pair_rows)
     summary = {
@@ -124,12 +124,16 @@ def build_sft_rows(chains: list[dict], instruction: str = "") -> list[dict]:
     return rows
 
 
-def build_pairs(chains: list[dict], instruction: str = "") -> list[dict]:
-    """Preference pairs: a verified chain against a rejected one for the same problem."""
+def build_pairs(chains: list[dict], instruction: str = "", cut_rejected=None) -> list[dict]:
+    """Preference pairs: a verified chain against a rejected one for the same problem.
+
+    `cut_rejected` (a domain's `rejected_prefix`) shortens a rejected chain to end at its first wrong step.
+    """
+    cut_rejected = cut_rejected or (lambda completion: completion)
     rows = []
     for samples in _by_problem(chains).values():
         chosen = list(dict.fromkeys(row["completion"] for row in samples if row["correct"]))
-        rejected = list(dict.fromkeys(row["completion"] for row in samples if not row["correct"]))
+        rejected = list(dict.fromkeys(cut_rejected(row["completion"]) for row in samples if not row["correct"]))
         for good, bad in list(zip(chosen, rejected))[:MAX_PAIRS_PER_PROBLEM]:
             rows.append({"id": samples[0]["id"], "prompt": chat_prompt(samples[0]["question"], instruction),
                          "chosen": [{"role": "assistant", "content": good}],

@@ -20,54 +20,65 @@ so gradient accumulation over micro-batches of different sizes can pass the glob
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "reference")
-DEFAULT_CHUNK_TOKENS = 1024
+BACKENDS = ("auto", "triton", "torch", "reference")
+CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is ~220 tokens at V=151,936, 2,048 at V=16k
 
 
-def _check_backend(backend: str) -> str:
+def chunk_tokens_for(vocab: int) -> int:
+    """Tokens per chunk so that a chunk's logits stay near CHUNK_LOGITS_BYTES (a power of two, 16 to 4,096)."""
+    tokens = max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
+    return max(16, min(4096, 1 << (tokens.bit_length() - 1)))
+
+
+def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return "torch" if backend == "auto" else backend
+    triton_ready = hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if hidden.is_cuda and importlib.util.find_spec("triton") else "torch"
+    if backend == "triton" and not triton_ready:
+        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
+    return backend
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_logprobs, alpha: float,
                   temperature: float, ignore_index: int, need_grad: bool):
-    """Per-token loss of one chunk of fp32 logits, and (optionally) d(loss)/d(logits). Ignored tokens get 0."""
+    """Per-token loss of one chunk of fp32 logits, and (with `need_grad`) d(loss)/d(logits).
+
+    With `need_grad` the gradient is written into the logits buffer itself, so a chunk costs one
+    vocab-sized buffer, not three. Ignored tokens get a loss and a gradient of 0.
+    """
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
     log_z = torch.logsumexp(logits, dim=-1)
-    losses = torch.zeros_like(log_z)
+    losses = (1.0 - alpha) * (log_z - logits.gather(1, safe_labels[:, None]).squeeze(1))
+    student_topk = logits.gather(1, topk_ids) if alpha > 0.0 else None  # read before the buffer is overwritten
     grad = None
-    if alpha < 1.0:
-        ce = log_z - logits.gather(1, safe_labels[:, None]).squeeze(1)
-        losses = losses + (1.0 - alpha) * ce
-        if need_grad:
-            grad = torch.softmax(logits, dim=-1)
-            grad.scatter_add_(1, safe_labels[:, None], -torch.ones_like(log_z)[:, None])
-            grad.mul_(1.0 - alpha)
+    if need_grad:
+        grad = logits.sub_(log_z[:, None]).exp_().mul_(1.0 - alpha)  # (1 - alpha) * softmax, in place
+        grad.scatter_add_(1, safe_labels[:, None], torch.full_like(log_z[:, None], -(1.0 - alpha)))
     if alpha > 0.0:
-        teacher = torch.softmax(topk_logprobs.float() / temperature, dim=-1)
-        student_scaled = logits.gather(1, topk_ids) / temperature
-        student_log_q = student_scaled - torch.logsumexp(student_scaled, dim=-1, keepdim=True)
-        kl = (teacher * (torch.log(teacher.clamp_min(1e-30)) - student_log_q)).sum(-1)
-        losses = losses + alpha * temperature**2 * kl
-        if need_grad:
-            # d(T^2 KL)/d(logit_j) = T * (q_j - p_j) on the top-k support, 0 elsewhere
-            kd_grad = alpha * temperature * (student_log_q.exp() - teacher)
-            grad = torch.zeros_like(logits) if grad is None else grad
-            grad.scatter_add_(1, topk_ids, kd_grad)
+        teacher_log_p = torch.log_softmax(topk_logprobs.float() / temperature, dim=-1)
+        student_log_q = torch.log_softmax(student_topk / temperature, dim=-1)
+        teacher_p = teacher_log_p.exp()
+        losses = losses + alpha * temperature**2 * (teacher_p * (teacher_log_p - student_log_q)).sum(-1)
+        if need_grad:  # d(T^2 KL)/d(logit_j) = T * (q_j - p_j) on the top-k support, 0 elsewhere
+            grad.scatter_add_(1, topk_ids, alpha * temperature * (student_log_q.exp() - teacher_p))
     losses = torch.where(valid, losses, torch.zeros_like(losses))
     if grad is not None:
-        grad = grad * valid[:, None]
+        grad.mul_(valid[:, None])
     return losses, grad
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, normalizer, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, normalizer, chunk_tokens, backend):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
@@ -75,14 +86,19 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             stop = min(start + chunk_tokens, hidden.shape[0])
             hidden_chunk = hidden[start:stop]
             logits = (hidden_chunk @ weight.t()).float()
-            losses, grad_logits = _token_losses(
-                logits, labels[start:stop],
-                None if topk_ids is None else topk_ids[start:stop],
-                None if topk_logprobs is None else topk_logprobs[start:stop],
-                alpha, temperature, ignore_index, need_grad=True,
-            )
+            chunk_ids = None if topk_ids is None else topk_ids[start:stop]
+            chunk_lps = None if topk_logprobs is None else topk_logprobs[start:stop]
+            if backend == "triton":
+                from budget_reasoner.kernels.fused_loss_triton import row_losses_and_grads
+
+                losses = row_losses_and_grads(logits, labels[start:stop].contiguous(), chunk_ids, chunk_lps, alpha,
+                                              temperature, ignore_index, normalizer)
+                grad_logits = logits  # the kernel overwrote the logits with the scaled gradient
+            else:
+                losses, grad_logits = _token_losses(logits, labels[start:stop], chunk_ids, chunk_lps, alpha, temperature,
+                                                    ignore_index, need_grad=True)
+                grad_logits = grad_logits.div_(normalizer)
             total += losses.sum()
-            grad_logits = grad_logits.div_(normalizer)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -97,7 +113,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         return (
             None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -144,7 +160,8 @@ def _reduce(losses, reduction, normalizer):
 
 def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
                  normalizer, backend, chunk_tokens):
-    backend = _check_backend(backend)
+    backend = _resolve_backend(backend, hidden)
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if normalizer is None:
@@ -154,12 +171,12 @@ def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, tempera
     if reduction == "none":
         return _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens)
     return _ChunkedLinearLoss.apply(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index,
-                                    float(normalizer), chunk_tokens)
+                                    float(normalizer), chunk_tokens, backend)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                                reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
-                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                               chunk_tokens: int | None = None) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` (tokens x H, V x H) against `labels`, without the full logits."""
     return _linear_loss(hidden, weight, labels, None, None, 0.0, 1.0, ignore_index, reduction, normalizer, backend, chunk_tokens)
 
@@ -167,7 +184,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 def fused_linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                          labels: torch.Tensor, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
                          reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
-                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                         chunk_tokens: int | None = None) -> torch.Tensor:
     """Distillation loss against a teacher's cached top-k log-probs (tokens x k), blended with CE on `labels`."""
     return _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
                         normalizer, backend, chunk_tokens)

@@ -55,6 +55,7 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
         bf16=hardware.supports_bf16 and preset.quantization.compute_dtype == "bfloat16",
         fp16=hardware.device == "cuda" and preset.quantization.compute_dtype == "float16",
         report_to=report_to,
+        run_name=output_dir.name,  # the stage's name in wandb
         seed=preset.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own rich bar (ProgressCallback) reports instead

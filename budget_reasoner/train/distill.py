@@ -25,6 +25,7 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, detect
 from budget_reasoner.io import is_complete, mark_complete, read_json, read_jsonl, write_jsonl
 from budget_reasoner.kernels import fused_linear_kd_loss
+from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.train.common import encode_prompt_completion, load_for_training, save_stage, train_with_resume, training_arguments
@@ -116,13 +117,12 @@ class KDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["kd_labels"]
-        decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-        hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
         keep = labels != -100  # only completion positions reach the lm_head: prompt tokens cost nothing
         # normalize by the label tokens of the whole accumulated batch, not this micro-batch
         normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         loss = fused_linear_kd_loss(
-            hidden[keep], model.get_output_embeddings().weight, inputs["topk_ids"][keep], inputs["topk_logprobs"][keep],
+            hidden[keep], lm_head_weight(model), inputs["topk_ids"][keep], inputs["topk_logprobs"][keep],
             labels[keep], temperature=self.kd_temperature, alpha=self.kd_alpha, normalizer=float(normalizer),
         )
         return (loss, None) if return_outputs else loss

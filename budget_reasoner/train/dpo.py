@@ -23,6 +23,13 @@ from budget_reasoner.train.common import load_for_training, save_stage, train_wi
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+def loss_settings(preset: Preset) -> dict:
+    """DPO's sigmoid loss, plus an NLL term on the chosen chain when `dpo.sft_weight` > 0."""
+    if preset.dpo.sft_weight > 0:
+        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, preset.dpo.sft_weight]}
+    return {"loss_type": ["sigmoid"]}
+
+
 def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: Hardware, report_to: str = "none"):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -36,7 +43,7 @@ def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Pres
         raise BudgetReasonerError(f"{sft_stage}: dpo starts from an sft stage folder (base + LoRA adapter)")
     tokenizer = load_tokenizer(base)
     args = training_arguments(DPOConfig, preset.dpo, preset, hardware, Path(out), report_to,
-                              beta=preset.dpo.beta, max_length=preset.model.max_length)
+                              beta=preset.dpo.beta, max_length=preset.model.max_length, **loss_settings(preset))
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, tokenizer, base, len(rows)
 
@@ -50,7 +57,8 @@ def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: 
         return read_json(out / "stage.json")
     hardware = hardware or detect(preset.device)
     trainer, tokenizer, base, num_pairs = build_dpo_trainer(pairs_file, sft_stage, out, preset, hardware, report_to)
-    say(f"dpo: {num_pairs} pairs, beta {preset.dpo.beta}, reference = the sft adapter; {describe_precision(preset, hardware)}")
+    say(f"dpo: {num_pairs} pairs, beta {preset.dpo.beta}, NLL weight {preset.dpo.sft_weight}, reference = the sft adapter; "
+        f"{describe_precision(preset, hardware)}")
     started = time.time()
     history = train_with_resume(trainer, out)
     return save_stage(out, trainer.model, tokenizer, base, history,

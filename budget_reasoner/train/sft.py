@@ -19,6 +19,24 @@ from budget_reasoner.train.common import load_for_training, peft_lora_config, sa
 SFT_COLUMNS = ("prompt", "completion")
 
 
+def fused_sft_trainer_class():
+    """SFTTrainer whose loss goes through the chunked fused cross-entropy (preset `sft.fused_loss: true`)."""
+    from trl import SFTTrainer
+
+    from budget_reasoner.kernels.patch import fused_causal_lm_loss
+
+    class FusedLossSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_is_scaled_for_ga = True  # divided by the accumulated batch's label tokens, not per micro-batch
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = fused_causal_lm_loss(model, inputs, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+    return FusedLossSFTTrainer
+
+
 def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
         report_to: str = "none") -> dict:
     """Fine-tune `student` (a model path or hub id) with a fresh LoRA adapter on `sft_file` (JSONL); write to `out`."""
@@ -34,10 +52,12 @@ def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware
     dataset = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
     model, base = load_for_training(student, preset, hardware)
     tokenizer = load_tokenizer(base)
-    say(f"sft: {len(rows)} chains; {describe_precision(preset, hardware)}")
+    say(f"sft: {len(rows)} chains; {describe_precision(preset, hardware)}; "
+        f"{'fused chunked' if preset.sft.fused_loss else 'standard'} cross-entropy")
     args = training_arguments(SFTConfig, preset.sft, preset, hardware, out, report_to,
                               max_length=preset.model.max_length, completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer_class = fused_sft_trainer_class() if preset.sft.fused_loss else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_lora_config(preset))
     started = time.time()
     history = train_with_resume(trainer, out)

@@ -1,0 +1,110 @@
+"""Fused linear cross-entropy vs the naive full-logits reference (and liger-kernel on a GPU): time and peak memory.
+
+    python benchmarks/fused_loss.py                       # CPU: 4,096 tokens, H=896, V=151,936, fp32
+    python benchmarks/fused_loss.py --tokens 1024 4096 16384 --shapes 896x151936 4096x128256 --dtype bfloat16   # GPU
+
+Each case runs in a fresh subprocess, so peak memory is that of one forward+backward alone: on CUDA
+`torch.cuda.max_memory_allocated`, on the CPU the process's peak RSS (ru_maxrss). "Added" is the peak
+minus the memory held before the loss (hidden states and weight), so the weight's own gradient counts.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str, device: str, repeats: int) -> dict:
+    import torch
+
+    from budget_reasoner.kernels import fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    h = torch.empty(tokens, hidden, dtype=dtype, device=device).normal_().requires_grad_()
+    w = torch.empty(vocab, hidden, dtype=dtype, device=device).normal_(std=0.02).requires_grad_()
+    labels = torch.randint(vocab, (tokens,), device=device)
+    labels[::10] = -100
+
+    if backend == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        step = lambda: liger(w, h, labels)  # noqa: E731  (liger takes the weight first)
+    else:
+        step = lambda: fused_linear_cross_entropy(h, w, labels, backend=backend)  # noqa: E731
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step().backward()  # warm-up: kernel compilation, allocator pools
+    h.grad = w.grad = None
+    sync()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_bytes()
+    times = []
+    for _ in range(repeats):
+        h.grad = w.grad = None
+        started = time.perf_counter()
+        step().backward()
+        sync()
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"backend": backend, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype_name,
+            "seconds": min(times), "added_bytes": peak - before}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--shapes", nargs="+", default=["896x151936"], help="HIDDENxVOCAB")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: reference torch (+ triton liger on CUDA)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:  # child process: one measurement
+        print(json.dumps(run_case(**json.loads(args.case))))
+        return
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = args.backends or (["reference", "torch", "triton", "liger"] if device == "cuda" else ["reference", "torch"])
+    rows = []
+    for shape in args.shapes:
+        hidden, vocab = map(int, shape.split("x"))
+        for tokens in args.tokens:
+            for backend in backends:
+                case = dict(backend=backend, tokens=tokens, hidden=hidden, vocab=vocab, dtype_name=args.dtype,
+                            device=device, repeats=args.repeats)
+                result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+                if result.returncode != 0:
+                    print(f"{backend} {tokens} {shape}: failed: {result.stderr.strip().splitlines()[-1]}")
+                    continue
+                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"\ndevice {device}, dtype {args.dtype}, forward+backward of the loss, grads for hidden and weight")
+    print(f"{'H x V':>14} {'tokens':>7} {'backend':>10} {'seconds':>9} {'added MB':>10} {'vs reference':>22}")
+    for row in rows:
+        reference = next((r for r in rows if r["backend"] == "reference" and r["tokens"] == row["tokens"]
+                          and r["vocab"] == row["vocab"] and r["hidden"] == row["hidden"]), None)
+        ratio = (f"{row['seconds'] / reference['seconds']:.2f}x time, {row['added_bytes'] / reference['added_bytes']:.3f}x mem"
+                 if reference and row is not reference else "")
+        print(f"{row['hidden']:>6} x {row['vocab']:<6} {row['tokens']:>7} {row['backend']:>10} {row['seconds']:>9.2f} "
+              f"{row['added_bytes'] / 2**20:>10.0f} {ratio:>22}")
+
+
+if __name__ == "__main__":
+    main()

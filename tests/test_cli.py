@@ -1,0 +1,66 @@
+"""The CLI through typer's test runner: help, presets, one-line errors, commands over a toy run."""
+
+import json
+
+from typer.testing import CliRunner
+
+from budget_reasoner.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_every_command_has_help():
+    for command in ("quickstart", "bootstrap", "generate", "sft", "dpo", "distill", "eval"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "--preset" in result.output and "--out" in result.output
+    assert "presets" in invoke("--help").output
+
+
+def test_presets_list_and_show():
+    assert "cpu-tiny" in invoke("presets", "list").output.split()
+    shown = invoke("presets", "show", "cpu-tiny")
+    assert shown.exit_code == 0 and "tiny_student:" in shown.output
+
+
+def test_bad_preset_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  max_steps: lots\n")
+    for args in (("presets", "show", str(bad)), ("quickstart", "--preset", str(bad), "--out", str(tmp_path / "o")),
+                 ("quickstart", "--preset", "nope"), ("quickstart", "--set", "sft.max_steps")):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert "Traceback" not in result.output
+
+
+def test_quickstart_refuses_a_folder_of_another_run(tiny_run):
+    out, _, _ = tiny_run
+    result = invoke("quickstart", "--out", str(out), "--set", "sft.max_steps=1")
+    assert result.exit_code == 2 and "holds a run of preset" in result.output
+
+
+def test_eval_command_on_a_stage_folder(tiny_run, tmp_path):
+    from tests.conftest import TINY
+
+    out, _, results = tiny_run
+    overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    result = invoke("eval", "--model", str(out / "sft"), "--problems", str(out / "data" / "problems" / "held_out.jsonl"),
+                    "--out", str(tmp_path / "ev"), *overrides)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["accuracy"] == results["stages"]["sft"]["accuracy"]  # greedy decoding is deterministic
+
+
+def test_missing_columns_in_a_dataset_name_the_file(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text(json.dumps({"prompt": [], "chosen": []}) + "\n")
+    result = invoke("dpo", "--pairs", str(broken), "--sft", str(out / "sft"), "--out", str(tmp_path / "dpo"))
+    assert result.exit_code == 2
+    assert f"{broken}: line 1: missing column(s) rejected" in result.output

@@ -1,0 +1,164 @@
+"""The stages on a toy quickstart run (tests/conftest.py: tiny_run), and their traps."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.eval.run import load_for_inference
+from budget_reasoner.hardware import detect
+from budget_reasoner.io import is_complete, read_json
+from budget_reasoner.train.common import encode_prompt_completion
+
+
+def test_report_has_every_stage_on_the_same_held_out_problems(tiny_run):
+    out, preset, results = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["preset"] == "cpu-tiny"
+    assert set(report["stages"]) == {"base", "sft", "dpo", "distill"}
+    for summary in [*report["stages"].values(), report["teacher"]]:
+        assert 0.0 <= summary["accuracy"] <= 1.0
+        assert summary["problems"] == preset.generate.num_eval_problems
+    assert report["seconds"] > 0
+    assert (out / "report.md").read_text().startswith("# budget-reasoner run")
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # accuracy is recomputed from the per-problem results, not invented
+    rows = [json.loads(line) for line in (out / "eval" / "sft" / "results.jsonl").read_text().splitlines()]
+    assert report["stages"]["sft"]["accuracy"] == sum(r["correct"] for r in rows) / len(rows)
+
+
+def test_every_stage_is_one_adapter_over_the_student_base(tiny_run):
+    out, _, _ = tiny_run
+    for stage in ("sft", "dpo", "distill"):
+        assert is_complete(out / stage)
+        record = read_json(out / stage / "stage.json")
+        assert record["base"] == str(out / "models" / "student-base")
+        assert (out / stage / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (out / stage / "checkpoints").exists()
+    # each stage trained its adapter further: the weights differ from the previous stage's
+    from safetensors.torch import load_file
+
+    sft, dpo, distilled = (load_file(out / s / "adapter" / "adapter_model.safetensors") for s in ("sft", "dpo", "distill"))
+    assert set(sft) == set(dpo) == set(distilled)
+    assert any(not torch.equal(sft[k], dpo[k]) for k in sft)
+    assert any(not torch.equal(dpo[k], distilled[k]) for k in dpo)
+
+
+def test_rerun_skips_finished_stages(tiny_run):
+    from budget_reasoner import recipe
+
+    out, preset, results = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = recipe.quickstart(out, preset)  # everything complete: nothing is trained or sampled again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+    assert again["stages"]["sft"]["accuracy"] == results["stages"]["sft"]["accuracy"]
+
+
+def test_a_run_folder_of_other_settings_is_refused(tiny_run):
+    from budget_reasoner import recipe
+
+    out, preset, _ = tiny_run
+    preset = copy.deepcopy(preset)
+    preset.sft.max_steps = 99
+    with pytest.raises(BudgetReasonerError, match="holds a run of preset 'cpu-tiny'"):
+        recipe.quickstart(out, preset)
+
+
+def test_dpo_reference_is_the_sft_model_not_the_base(tiny_run, tmp_path):
+    from trl.trainer.utils import use_adapter
+
+    from budget_reasoner.train.dpo import build_dpo_trainer
+
+    out, preset, _ = tiny_run
+    hardware = detect("cpu")
+    trainer, tokenizer, _, _ = build_dpo_trainer(out / "data" / "pairs" / "train.jsonl", out / "sft", tmp_path / "dpo", preset, hardware)
+    ids, _ = encode_prompt_completion(tokenizer, [{"role": "user", "content": "3+4*2"}], "<think>\n4*2=8\n</think>\n\\boxed{11}")
+    input_ids = torch.tensor([ids])
+    model = trainer.model
+    with torch.no_grad(), use_adapter(model, adapter_name="ref"):  # exactly what DPOTrainer does for the reference
+        reference = model(input_ids=input_ids).logits.log_softmax(-1)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=input_ids).logits.log_softmax(-1)
+    sft_model, _ = load_for_inference(out / "sft", preset, hardware)
+    with torch.no_grad():
+        sft = sft_model(input_ids=input_ids).logits.log_softmax(-1)
+    torch.testing.assert_close(reference, sft, rtol=1e-5, atol=1e-5)
+    assert (reference - base).abs().max() > 1e-3  # the trap (base as reference) would fail the line above
+
+
+def test_distill_refuses_a_cache_from_another_tokenizer(tiny_run, tmp_path):
+    import shutil
+
+    from budget_reasoner.train.distill import distill
+
+    out, preset, _ = tiny_run
+    shutil.copytree(out / "distill" / "cache", tmp_path / "cache")
+    info = read_json(tmp_path / "cache" / "COMPLETE.json")
+    (tmp_path / "cache" / "COMPLETE.json").write_text(json.dumps({**info, "tokenizer_hash": "0123"}))
+    with pytest.raises(BudgetReasonerError, match="shared vocabulary"):
+        distill(tmp_path / "cache", out / "dpo", tmp_path / "distill", preset)
+
+
+def test_teacher_cache_holds_the_teachers_top_k(tiny_run):
+    from budget_reasoner.models import load_model
+
+    out, preset, _ = tiny_run
+    row = json.loads((out / "distill" / "cache" / "cache.jsonl").read_text().splitlines()[0])
+    assert len(row["topk_ids"]) == len(row["input_ids"]) and len(row["topk_ids"][0]) == preset.distill.top_k
+    teacher = load_model(out / "models" / "teacher", preset, detect("cpu"))
+    with torch.no_grad():
+        log_probs = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0].log_softmax(-1)
+    expected = log_probs.topk(preset.distill.top_k, dim=-1)
+    assert row["topk_ids"] == expected.indices.tolist()
+    torch.testing.assert_close(torch.tensor(row["topk_logprobs"]), expected.values, atol=1e-4, rtol=0)
+
+
+def test_interrupted_sft_resumes_from_its_checkpoint(tiny_run, tmp_path, monkeypatch, capfd):
+    from budget_reasoner.train import common
+    from budget_reasoner.train.sft import sft
+
+    out, preset, _ = tiny_run
+    original = common.RichProgressCallback.on_step_end
+
+    def interrupt_after_checkpoint(self, args, state, control, **kwargs):
+        if state.global_step == 4:  # checkpoint-3 is on disk by now
+            raise KeyboardInterrupt
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(common.RichProgressCallback, "on_step_end", interrupt_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        sft(out / "data" / "sft" / "train.jsonl", out / "models" / "student-base", tmp_path / "sft", preset)
+    assert (tmp_path / "sft" / "checkpoints" / "checkpoint-3").is_dir()
+    assert not is_complete(tmp_path / "sft")
+    monkeypatch.setattr(common.RichProgressCallback, "on_step_end", original)
+    record = sft(out / "data" / "sft" / "train.jsonl", out / "models" / "student-base", tmp_path / "sft", preset)
+    assert "resuming from" in capfd.readouterr().err
+    steps = [entry["step"] for entry in record["history"] if "loss" in entry]
+    assert steps == sorted(set(steps)) and steps[-1] == preset.sft.max_steps
+
+
+def test_qlora_sft_in_4bit_on_the_cpu(tiny_run, tmp_path):
+    import bitsandbytes as bnb
+
+    from budget_reasoner.train.common import load_for_training
+    from budget_reasoner.train.sft import sft
+
+    out, preset, _ = tiny_run
+    preset = copy.deepcopy(preset)
+    preset.quantization.load_in_4bit = True
+    model, _ = load_for_training(out / "models" / "student-base", preset, detect("cpu"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    record = sft(out / "data" / "sft" / "train.jsonl", out / "models" / "student-base", tmp_path / "qlora", preset)
+    assert record["precision"].startswith("QLoRA: NF4 4-bit")
+    losses = [entry["loss"] for entry in record["history"] if "loss" in entry]
+    assert all(loss == loss and loss < 20 for loss in losses)  # finite, not diverged
+
+
+def test_lora_on_lm_head_is_refused(tiny_preset):
+    from budget_reasoner.train.common import peft_lora_config
+
+    tiny_preset.lora.target_modules = ["q_proj", "lm_head"]
+    with pytest.raises(BudgetReasonerError, match="lm_head"):
+        peft_lora_config(tiny_preset)
