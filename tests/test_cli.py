@@ -64,3 +64,35 @@ def test_missing_columns_in_a_dataset_name_the_file(tiny_run, tmp_path):
     result = invoke("dpo", "--pairs", str(broken), "--sft", str(out / "sft"), "--out", str(tmp_path / "dpo"))
     assert result.exit_code == 2
     assert f"{broken}: line 1: missing column(s) rejected" in result.output
+
+
+def test_ctrl_c_during_generation_is_one_line_and_keeps_shards(tiny_run, tmp_path, monkeypatch):
+    from budget_reasoner import recipe
+    from tests.test_generate import InterruptingTeacher
+
+    teacher = InterruptingTeacher(calls_before_interrupt=1)
+    monkeypatch.setattr(recipe, "make_teacher", lambda *args: teacher)
+    from tests.conftest import TINY
+
+    overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    result = invoke("generate", "--teacher", "anything", "--out", str(tmp_path / "data"), *overrides)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines() == [
+        "interrupted: finished shards and checkpoints are kept; run the same command again to resume"]
+    assert (tmp_path / "data" / "chains" / "shard-00000.jsonl").is_file()
+
+
+def test_report_to_wandb_offline_writes_an_offline_run(tiny_run, tmp_path, monkeypatch):
+    import copy
+
+    from budget_reasoner.train.sft import sft
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out, preset, _ = tiny_run
+    settings = copy.deepcopy(preset)
+    settings.sft.max_steps = 2
+    sft(out / "data" / "sft" / "train.jsonl", out / "models" / "student-base", tmp_path / "sft", settings, report_to="wandb")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is ~220 tokens at V=151,936, 2,048 at V=16k
+CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is 128 tokens at V=151,936 (rounded down), 2,048 at V=16k
 
 
 def chunk_tokens_for(vocab: int) -> int:
@@ -48,31 +48,37 @@ def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_logprobs, alpha: float,
-                  temperature: float, ignore_index: int, need_grad: bool):
-    """Per-token loss of one chunk of fp32 logits, and (with `need_grad`) d(loss)/d(logits).
+                  temperature: float, ignore_index: int, need_grad: bool, grad_scale: float = 1.0):
+    """Per-token loss of one chunk of fp32 logits, and (with `need_grad`) d(loss)/d(logits) * grad_scale.
 
     With `need_grad` the gradient is written into the logits buffer itself, so a chunk costs one
     vocab-sized buffer, not three. Ignored tokens get a loss and a gradient of 0.
     """
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
-    log_z = torch.logsumexp(logits, dim=-1)
-    losses = (1.0 - alpha) * (log_z - logits.gather(1, safe_labels[:, None]).squeeze(1))
+    label_logits = logits.gather(1, safe_labels[:, None]).squeeze(1)
     student_topk = logits.gather(1, topk_ids) if alpha > 0.0 else None  # read before the buffer is overwritten
     grad = None
-    if need_grad:
-        grad = logits.sub_(log_z[:, None]).exp_().mul_(1.0 - alpha)  # (1 - alpha) * softmax, in place
-        grad.scatter_add_(1, safe_labels[:, None], torch.full_like(log_z[:, None], -(1.0 - alpha)))
+    if need_grad:  # softmax computed in place: the chunk's logits buffer is the only vocab-sized one
+        row_max = logits.max(dim=-1, keepdim=True).values
+        probs = logits.sub_(row_max).exp_()
+        sum_exp = probs.sum(dim=-1, keepdim=True)
+        log_z = (row_max + sum_exp.log()).squeeze(1)
+        grad = probs.mul_((1.0 - alpha) * grad_scale / sum_exp)  # (1 - alpha) * softmax, scaled: one pass
+        grad.scatter_add_(1, safe_labels[:, None], torch.full_like(log_z[:, None], -(1.0 - alpha) * grad_scale))
+    else:
+        log_z = torch.logsumexp(logits, dim=-1)
+    losses = (1.0 - alpha) * (log_z - label_logits)
     if alpha > 0.0:
         teacher_log_p = torch.log_softmax(topk_logprobs.float() / temperature, dim=-1)
         student_log_q = torch.log_softmax(student_topk / temperature, dim=-1)
         teacher_p = teacher_log_p.exp()
         losses = losses + alpha * temperature**2 * (teacher_p * (teacher_log_p - student_log_q)).sum(-1)
         if need_grad:  # d(T^2 KL)/d(logit_j) = T * (q_j - p_j) on the top-k support, 0 elsewhere
-            grad.scatter_add_(1, topk_ids, alpha * temperature * (student_log_q.exp() - teacher_p))
+            grad.scatter_add_(1, topk_ids, alpha * temperature * grad_scale * (student_log_q.exp() - teacher_p))
     losses = torch.where(valid, losses, torch.zeros_like(losses))
-    if grad is not None:
-        grad.mul_(valid[:, None])
+    if grad is not None and not valid.all():
+        grad[~valid] = 0.0
     return losses, grad
 
 
@@ -96,8 +102,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 grad_logits = logits  # the kernel overwrote the logits with the scaled gradient
             else:
                 losses, grad_logits = _token_losses(logits, labels[start:stop], chunk_ids, chunk_lps, alpha, temperature,
-                                                    ignore_index, need_grad=True)
-                grad_logits = grad_logits.div_(normalizer)
+                                                    ignore_index, need_grad=True, grad_scale=1.0 / normalizer)
             total += losses.sum()
             if grad_hidden is not None:
                 grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -109,10 +114,14 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
+        # scale in place: a copy of the weight's gradient would double the memory this op is there to save
+        # (so, like Liger's, this backward can run only once per forward)
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
         return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            grad_hidden,
+            grad_weight,
             None, None, None, None, None, None, None, None, None,
         )
 
