@@ -77,8 +77,9 @@ def test_ctrl_c_during_generation_is_one_line_and_keeps_shards(tiny_run, tmp_pat
     overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
     result = invoke("generate", "--teacher", "anything", "--out", str(tmp_path / "data"), *overrides)
     assert result.exit_code == 130
-    assert result.output.strip().splitlines() == [
-        "interrupted: finished shards and checkpoints are kept; run the same command again to resume"]
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("generate: shard 0 written")
+    assert lines[1:] == ["interrupted: finished shards and checkpoints are kept; run the same command again to resume"]
     assert (tmp_path / "data" / "chains" / "shard-00000.jsonl").is_file()
 
 
