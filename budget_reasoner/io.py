@@ -60,6 +60,16 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE).is_file()
 
 
+def finished(folder: Path, stage: str, record: str = "stage.json") -> dict | None:
+    """The saved record of a stage that already completed in `folder` (saying it is skipped), else None."""
+    if not is_complete(folder):
+        return None
+    from budget_reasoner.progress import say
+
+    say(f"{stage}: {folder} is complete, skipping")
+    return read_json(Path(folder) / record)
+
+
 def mark_complete(folder: Path, info: dict) -> None:
     write_json(Path(folder) / COMPLETE, info)
 

@@ -16,9 +16,8 @@ from budget_reasoner.config import Preset
 from budget_reasoner.eval.generation import chat_prompt, generate_completions
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
 from budget_reasoner.hardware import Hardware, detect
-from budget_reasoner.io import is_complete, mark_complete, read_json, read_jsonl, write_json, write_jsonl
+from budget_reasoner.io import finished, mark_complete, read_jsonl, write_json, write_jsonl
 from budget_reasoner.models import load_model, load_tokenizer
-from budget_reasoner.progress import say
 from budget_reasoner.train.common import stage_model_paths
 from budget_reasoner.verify import check, extract_answer
 
@@ -47,9 +46,8 @@ def majority_answer(completions: list[str]) -> str | None:
 def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
              hardware: Hardware | None = None, name: str | None = None) -> dict:
     out = Path(out)
-    if is_complete(out):
-        say(f"eval: {out} is complete, skipping")
-        return read_json(out / "summary.json")
+    if (record := finished(out, "eval", "summary.json")) is not None:
+        return record
     hardware = hardware or detect(preset.device)
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS)
     model, tokenizer = load_for_inference(model_or_stage, preset, hardware)

@@ -18,7 +18,7 @@ from budget_reasoner.config import Preset
 from budget_reasoner.domains import get_domain
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.generation import chat_prompt
-from budget_reasoner.io import is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path, write_json, write_jsonl
+from budget_reasoner.io import finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path, write_json, write_jsonl
 from budget_reasoner.progress import say
 from budget_reasoner.verify import check
 
@@ -62,9 +62,8 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
     `teacher` is a backend from `budget_reasoner.generate.teachers` (anything with `.name` and `.sample`).
     """
     out = Path(out)
-    if is_complete(out):
-        say(f"generate: {out} is complete, skipping")
-        return read_json(out / "COMPLETE.json")
+    if (record := finished(out, "generate", "COMPLETE.json")) is not None:
+        return record
     gen = preset.generate
     problems, _ = write_problems(out / "problems", preset, domain)
     started = time.time()

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, detect
-from budget_reasoner.io import is_complete, mark_complete, read_json, read_jsonl, write_jsonl
+from budget_reasoner.io import finished, is_complete, mark_complete, read_json, read_jsonl, write_jsonl
 from budget_reasoner.kernels import fused_linear_kd_loss
 from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
@@ -138,9 +138,8 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
     from peft import get_peft_model
 
     out = Path(out)
-    if is_complete(out):
-        say(f"distill: {out} is complete, skipping")
-        return read_json(out / "stage.json")
+    if (record := finished(out, "distill")) is not None:
+        return record
     hardware = hardware or detect(preset.device)
     info = read_json(Path(cache_dir) / "COMPLETE.json")
     rows = read_jsonl(Path(cache_dir) / "cache.jsonl", CACHE_COLUMNS)

@@ -15,7 +15,7 @@ from pathlib import Path
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, detect
-from budget_reasoner.io import is_complete, read_json, read_jsonl
+from budget_reasoner.io import finished, read_jsonl
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
 from budget_reasoner.train.common import load_for_training, save_stage, train_with_resume, training_arguments
@@ -52,9 +52,8 @@ def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: 
         report_to: str = "none") -> dict:
     """Continue the SFT adapter with DPO on `pairs_file`; write the new adapter (same base) to `out`."""
     out = Path(out)
-    if is_complete(out):
-        say(f"dpo: {out} is complete, skipping")
-        return read_json(out / "stage.json")
+    if (record := finished(out, "dpo")) is not None:
+        return record
     hardware = hardware or detect(preset.device)
     trainer, tokenizer, base, num_pairs = build_dpo_trainer(pairs_file, sft_stage, out, preset, hardware, report_to)
     say(f"dpo: {num_pairs} pairs, beta {preset.dpo.beta}, NLL weight {preset.dpo.sft_weight}, reference = the sft adapter; "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from budget_reasoner.config import Preset
 from budget_reasoner.hardware import Hardware, detect
-from budget_reasoner.io import is_complete, read_json, read_jsonl
+from budget_reasoner.io import finished, read_jsonl
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
 from budget_reasoner.train.common import load_for_training, peft_lora_config, save_stage, train_with_resume, training_arguments
@@ -44,9 +44,8 @@ def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware
     from trl import SFTConfig, SFTTrainer
 
     out = Path(out)
-    if is_complete(out):
-        say(f"sft: {out} is complete, skipping")
-        return read_json(out / "stage.json")
+    if (record := finished(out, "sft")) is not None:
+        return record
     hardware = hardware or detect(preset.device)
     rows = read_jsonl(sft_file, SFT_COLUMNS)
     dataset = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
