@@ -179,17 +179,37 @@ def distill_command(
 @friendly_errors
 def eval_command(
     model: str = typer.Option(..., help="A model path or hub id, or a stage folder (sft/dpo/distill)."),
-    problems: Path = typer.Option(..., help="Problems JSONL (id, domain, question, answer, source), e.g. runs/data/problems/held_out.jsonl."),
-    out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl and summary.json."),
+    problems: Optional[Path] = typer.Option(None, help="Problems JSONL (id, domain, question, answer, source), or with "
+                                                       "--benchmark that benchmark's local file (JSONL; CSV for choice)."),
+    benchmark: Optional[str] = typer.Option(None, help="gsm8k, math500, aime24, amc23 (a local file via --problems, "
+                                                       "else the hub), or choice (a GPQA-style CSV via --problems)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl, summary.json, summary.md, curve PNG."),
     domain: str = typer.Option("math", help="The narrow domain (picks the verifier)."),
+    samples: Optional[int] = typer.Option(None, help="Samples per problem for pass@k, majority vote and best-of-k."),
+    think_budget: Optional[int] = typer.Option(None, help="Budget forcing: cap the thinking at this many tokens."),
+    min_think: Optional[int] = typer.Option(None, help="Budget forcing: append 'Wait' when thinking stops earlier."),
+    max_waits: Optional[int] = typer.Option(None, help="Budget forcing: at most this many 'Wait's."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
-    """Held-out accuracy: greedy pass@1 and majority vote over sampled answers."""
+    """Held-out accuracy with test-time compute: greedy or budget-forced, pass@k, majority vote, best-of-N."""
+    from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
     from budget_reasoner.eval.run import evaluate
+    from budget_reasoner.io import write_jsonl
 
-    summary = evaluate(model, problems, out, _preset(preset, set_), domain)
-    typer.echo(" ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in summary.items()))
+    settings = _preset(preset, set_)
+    for value, field in ((samples, "maj_k"), (think_budget, "think_budget"), (min_think, "min_think_tokens"), (max_waits, "max_waits")):
+        if value is not None:
+            setattr(settings.eval, field, value)
+    if benchmark:
+        rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
+        domain = "choice" if benchmark == "choice" else "math"
+        problems = out / "problems.jsonl"
+        write_jsonl(problems, rows)
+    elif problems is None:
+        raise BudgetReasonerError("eval needs --problems FILE or --benchmark NAME")
+    evaluate(model, problems, out, settings, domain)
+    typer.echo((out / "summary.md").read_text())
 
 
 @presets_app.command("list")

@@ -121,10 +121,13 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
-    maj_k: int = 4
+    maj_k: int = 4  # samples per problem for pass@k, maj@k (self-consistency) and best-of-k; 1 = greedy only
     temperature: float = 0.7
     max_new_tokens: int = 64
     batch_size: int = 256
+    think_budget: int = 0  # budget forcing (s1): cap the thinking at this many tokens; 0 = off
+    min_think_tokens: int = 0  # ... and replace an earlier </think> with "Wait"
+    max_waits: int = 0  # ... at most this many times
 
 
 @dataclass

@@ -1,10 +1,19 @@
-"""Batched generation on the transformers backend: left padding, KV cache, many prompts per forward."""
+"""Batched generation on the transformers backend: left padding, KV cache, many prompts per forward.
+
+Also test-time compute: per-completion scores (the model's mean token log-prob, for best-of-N) and
+s1-style budget forcing (cap the thinking at a token budget; or, when the model closes its thought too
+early, replace the close with "Wait" and let it think on).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from budget_reasoner.progress import progress_bar
+
+THINK_CLOSE = "</think>"
 
 
 def chat_prompt(question: str, instruction: str = "") -> list[dict]:
@@ -12,43 +21,103 @@ def chat_prompt(question: str, instruction: str = "") -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                         temperature: float = 0.0, num_samples: int = 1, seed: int = 0,
-                         description: str = "generate") -> list[list[str]]:
-    """`num_samples` completions per chat prompt (greedy when temperature is 0), as decoded text.
+@dataclass
+class Generated:
+    text: str
+    mean_logprob: float  # average log-prob of the generated tokens under the sampling distribution
+    tokens: int
 
-    Prompts are sorted by length so each batch pads little, and results come back in the input order.
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+                   num_samples: int = 1, seed: int = 0, stop_ids: list[int] | None = None,
+                   description: str = "generate") -> list[list[Generated]]:
+    """`num_samples` continuations of each raw text (greedy when temperature is 0), in the input order.
+
+    Texts are sorted by length so each batch pads little; special tokens are dropped from the output.
     """
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    results: list[list[str]] = [[] for _ in texts]
+    results: list[list[Generated]] = [[] for _ in texts]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     prompts_per_batch = max(1, batch_size // num_samples)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    stops = [tokenizer.eos_token_id, *(stop_ids or [])]
     try:
         with progress_bar() as bar:
             task = bar.add_task(description, total=len(texts))
             for start in range(0, len(order), prompts_per_batch):
                 chunk = order[start : start + prompts_per_batch]
                 batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
                 output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    **sampling,
+                    **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+                    output_scores=True, return_dict_in_generate=True, **sampling,
                 )
-                decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
+                logprobs = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+                generated = new_tokens != tokenizer.pad_token_id
+                counts = generated.sum(1).clamp_min(1)
+                means = (torch.where(generated, logprobs, 0.0).sum(1) / counts).tolist()
+                decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for offset, index in enumerate(chunk):
-                    results[index] = decoded[offset * num_samples : (offset + 1) * num_samples]
+                    rows = range(offset * num_samples, (offset + 1) * num_samples)
+                    results[index] = [Generated(decoded[r], means[r], int(counts[r])) for r in rows]
                 bar.advance(task, len(chunk))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return results
+
+
+def prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+
+
+def generate_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                         temperature: float = 0.0, num_samples: int = 1, seed: int = 0,
+                         description: str = "generate") -> list[list[str]]:
+    """`num_samples` completions per chat prompt, as decoded text."""
+    generated = generate_texts(model, tokenizer, prompt_texts(tokenizer, prompts), max_new_tokens, batch_size,
+                               temperature, num_samples, seed, description=description)
+    return [[g.text for g in samples] for samples in generated]
+
+
+def generate_with_budget(model, tokenizer, prompts: list[list[dict]], think_budget: int, batch_size: int,
+                         min_think_tokens: int = 0, max_waits: int = 0, answer_tokens: int = 32,
+                         description: str = "budget forcing") -> list[str]:
+    """Greedy completions whose thinking is forced into [min_think_tokens, think_budget] tokens (s1).
+
+    Thinking stops at `think_budget` tokens (then "</think>" is appended and the model answers); a model
+    that closes its thought before `min_think_tokens` gets "Wait" instead, at most `max_waits` times.
+    """
+    close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+    stop_ids = close_ids[-1:] if len(close_ids) == 1 else []
+    bases = prompt_texts(tokenizer, prompts)
+    thoughts = ["" for _ in prompts]
+    used = [0 for _ in prompts]
+    waits = [0 for _ in prompts]
+    active = list(range(len(prompts)))
+    while active:
+        budget = max(think_budget - min(used[i] for i in active), 1)
+        outputs = generate_texts(model, tokenizer, [bases[i] + thoughts[i] for i in active], budget, batch_size,
+                                 stop_ids=stop_ids, description=description)
+        still_thinking = []
+        for i, (out,) in zip(active, outputs):
+            text = out.text
+            used[i] += out.tokens
+            closed = THINK_CLOSE in text
+            text = text.split(THINK_CLOSE)[0]
+            if closed and used[i] < min_think_tokens and waits[i] < max_waits and used[i] < think_budget:
+                thoughts[i] += text + "Wait"
+                waits[i] += 1
+                still_thinking.append(i)
+            else:
+                thoughts[i] += text
+        active = still_thinking
+    answers = generate_texts(model, tokenizer, [b + t.rstrip("\n") + f"\n{THINK_CLOSE}\n" for b, t in zip(bases, thoughts)],
+                             answer_tokens, batch_size, description="answers")
+    return [t.rstrip("\n") + f"\n{THINK_CLOSE}\n" + a.text for t, (a,) in zip(thoughts, answers)]

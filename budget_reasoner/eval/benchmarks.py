@@ -1,0 +1,115 @@
+"""Benchmark loaders: GSM8K, MATH-500, AIME24, AMC23 from a local JSONL file or a hub id, and GPQA-style
+multiple choice from the user's CSV. Every loader returns problem rows (`id, domain, question, answer,
+source`, plus `solution` where the set has one), the same contract the eval stage reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from budget_reasoner.errors import BudgetReasonerError
+
+
+def _number_text(value) -> str:
+    """27.0 -> "27"; other values as written."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    question_field: str
+    answer: Callable[[dict], str]  # the reference answer from a raw record
+    required: tuple[str, ...]
+    hub: tuple[str, str | None, str]  # (dataset id, config, split)
+    solution: Callable[[dict], str | None] = lambda record: record.get("solution")
+
+
+BENCHMARKS = {
+    "gsm8k": Benchmark("question", lambda r: r["answer"].split("####")[-1].strip().replace(",", ""),
+                       ("question", "answer"), ("openai/gsm8k", "main", "test"), solution=lambda r: r["answer"]),
+    "math500": Benchmark("problem", lambda r: str(r["answer"]).strip(), ("problem", "answer"),
+                         ("HuggingFaceH4/MATH-500", None, "test")),
+    "aime24": Benchmark("problem", lambda r: _number_text(r["answer"]), ("problem", "answer"),
+                        ("HuggingFaceH4/aime_2024", None, "train")),
+    "amc23": Benchmark("question", lambda r: _number_text(r["answer"]), ("question", "answer"), ("math-ai/amc23", None, "test")),
+}
+
+
+def _read_records(path: Path, required: tuple[str, ...]) -> list[dict]:
+    records = []
+    with path.open() as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise BudgetReasonerError(f"{path}: line {line_number}: not valid JSON ({error.msg})") from None
+            missing = [name for name in required if name not in record]
+            if missing:
+                raise BudgetReasonerError(f"{path}: line {line_number}: missing field(s) {', '.join(missing)}")
+            records.append(record)
+    return records
+
+
+def load_benchmark(name: str, path_or_id: str | Path | None = None) -> list[dict]:
+    """Problems of a named benchmark, from `path_or_id` (a local JSONL file or a hub id; default: the hub copy)."""
+    if name not in BENCHMARKS:
+        raise BudgetReasonerError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    spec = BENCHMARKS[name]
+    source = str(path_or_id) if path_or_id else spec.hub[0]
+    if path_or_id and Path(path_or_id).exists():
+        records = _read_records(Path(path_or_id), spec.required)
+    else:
+        import datasets  # a hub id; needs network access
+
+        hub_id = source
+        config = spec.hub[1] if hub_id == spec.hub[0] else None
+        records = list(datasets.load_dataset(hub_id, config, split=spec.hub[2]))
+    rows = []
+    for record in records:
+        question = record[spec.question_field]
+        rows.append({
+            "id": f"{name}-" + hashlib.sha1(question.encode()).hexdigest()[:12],
+            "domain": "math", "question": question, "answer": spec.answer(record),
+            "source": f"{name}:{source}", "solution": spec.solution(record),
+        })
+    return rows
+
+
+LETTERS = "ABCD"
+
+
+def load_multiple_choice(path: str | Path, seed: int = 0) -> list[dict]:
+    """GPQA-style CSV (`Question`, `Correct Answer`, `Incorrect Answer 1..3`) as lettered problems.
+
+    The options are shuffled with `seed` (the same seed gives the same order), and the answer is the
+    correct option's letter. GPQA itself is gated: download its CSV yourself and pass the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BudgetReasonerError(f"{path}: file not found")
+    fields = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
+    rows = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [name for name in fields if name not in (reader.fieldnames or [])]
+        if missing:
+            raise BudgetReasonerError(f"{path}: missing column(s) {', '.join(missing)}")
+        for index, record in enumerate(reader):
+            options = [record[name].strip() for name in fields[1:]]
+            order = list(range(4))
+            random.Random(f"{seed}:{index}").shuffle(order)
+            shuffled = [options[i] for i in order]
+            question = record["Question"].strip() + "\n" + "\n".join(f"{LETTERS[i]}) {text}" for i, text in enumerate(shuffled))
+            rows.append({"id": f"choice-{index}", "domain": "choice", "question": question,
+                         "answer": LETTERS[order.index(0)], "source": f"choice:{path}"})
+    return rows

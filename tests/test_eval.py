@@ -1,0 +1,165 @@
+"""Benchmarks, metrics and test-time compute."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
+from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, pass_at_k
+from budget_reasoner.verify import check, extract
+from tests.conftest import SHARED_DATA
+
+
+def test_pass_at_k_against_hand_computed_values():
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 3, 2) == 1.0  # fewer wrong samples than k: a correct one is always drawn
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_majority_vote_and_best_of_n():
+    assert majority_vote(["3", "5", "3", None, "5", "3"]) == "3"
+    assert majority_vote(["5", "3"]) == "5"  # a tie goes to the first seen
+    assert majority_vote([None, None]) is None
+    assert best_of_n(["a", "b", "c"], [-2.0, -0.5, -1.0]) == "b"
+    curve = accuracy_curve([["1", "2", "2"], ["7", "7", "3"]], ["2", "7"], lambda vote, ref: vote == ref, [1, 3])
+    assert curve == {1: 0.5, 3: 1.0}
+
+
+@pytest.mark.parametrize("name, file, rows, first_answer", [
+    ("gsm8k", "gsm8k/test.jsonl", 1319, "18"),
+    ("math500", "math500/test.jsonl", 500, "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("aime24", "aime24/test.jsonl", 30, None),
+    ("amc23", "amc23/test.jsonl", 40, "27"),  # stored as 27.0
+])
+def test_loaders_on_the_real_files(name, file, rows, first_answer):
+    problems = load_benchmark(name, SHARED_DATA / file)
+    assert len(problems) == rows and len({p["id"] for p in problems}) == rows
+    assert {"id", "domain", "question", "answer", "source"} <= set(problems[0])
+    if first_answer is not None:
+        assert problems[0]["answer"] == first_answer
+    assert all(p["answer"] for p in problems)
+
+
+def test_every_aime_answer_is_an_integer_from_0_to_999():
+    problems = load_benchmark("aime24", SHARED_DATA / "aime24" / "test.jsonl")
+    assert all(p["answer"].isdigit() and 0 <= int(p["answer"]) <= 999 for p in problems)
+
+
+@pytest.mark.parametrize("name, file", [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl")])
+def test_reference_solutions_grade_as_correct_and_others_answers_do_not(name, file):
+    problems = load_benchmark(name, SHARED_DATA / file)
+    agreement = sum(check("math", p["solution"], p["answer"]) for p in problems) / len(problems)
+    assert agreement >= 0.995
+    # each solution against another problem's answer (a fixed shift), where the two answers differ as written
+    shifted = [(p, problems[(i + 37) % len(problems)]) for i, p in enumerate(problems)]
+    wrong = [(p, q) for p, q in shifted if p["answer"].strip() != q["answer"].strip()]
+    assert sum(check("math", p["solution"], q["answer"]) for p, q in wrong) <= 0.005 * len(wrong)
+
+
+def test_malformed_benchmark_files_name_file_and_line(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
+    with pytest.raises(BudgetReasonerError, match=r"gsm.jsonl: line 2: not valid JSON"):
+        load_benchmark("gsm8k", path)
+    path.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(BudgetReasonerError, match=r"gsm.jsonl: line 1: missing field\(s\) answer"):
+        load_benchmark("gsm8k", path)
+    with pytest.raises(BudgetReasonerError, match="unknown benchmark"):
+        load_benchmark("mmlu", path)
+
+
+def write_choice_csv(path, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"])
+        writer.writerows(rows)
+
+
+def test_multiple_choice_shuffles_with_a_seed_and_grades_letters(tmp_path):
+    path = tmp_path / "gpqa.csv"
+    write_choice_csv(path, [[f"Q{i}?", f"right{i}", f"w1-{i}", f"w2-{i}", f"w3-{i}"] for i in range(20)])
+    problems = load_multiple_choice(path, seed=3)
+    assert problems == load_multiple_choice(path, seed=3)
+    assert [p["answer"] for p in problems] != [p["answer"] for p in load_multiple_choice(path, seed=4)]
+    assert len({p["answer"] for p in problems}) > 1  # the correct option is not always in one place
+    for index, problem in enumerate(problems):
+        letter = problem["answer"]
+        assert f"{letter}) right{index}" in problem["question"]
+        assert check("choice", f"... so the answer is ({letter})", letter)
+        assert check("choice", f"\\boxed{{{letter}}}", letter)
+        other = "A" if letter != "A" else "B"
+        assert not check("choice", f"\\boxed{{{other}}}", letter)
+        assert not check("choice", f"\\boxed{{{letter}}} \\boxed{{{other}}}", letter)  # hedging
+    assert extract("choice", "I pick (C) since") == "C"
+    (tmp_path / "bad.csv").write_text("Question,Correct Answer\nq,a\n")
+    with pytest.raises(BudgetReasonerError, match="missing column"):
+        load_multiple_choice(tmp_path / "bad.csv")
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
+    from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+    from budget_reasoner.eval.run import load_for_inference
+    from budget_reasoner.hardware import detect
+
+    out, preset, _ = tiny_run
+    model, tokenizer = load_for_inference(out / "models" / "teacher", preset, detect("cpu"))
+    texts = prompt_texts(tokenizer, [chat_prompt(q) for q in ("3+4", "(12+7)*3-5", "9*2", "17-3+8*2")])
+    one = [g[0].text for g in generate_texts(model, tokenizer, texts, 12, batch_size=1)]
+    batched = [g[0].text for g in generate_texts(model, tokenizer, texts, 12, batch_size=8)]
+    assert one == batched
+
+
+def test_budget_forcing_caps_the_thinking(tiny_run):
+    from budget_reasoner.eval.generation import THINK_CLOSE, chat_prompt, generate_with_budget
+    from budget_reasoner.eval.run import load_for_inference
+    from budget_reasoner.hardware import detect
+
+    out, preset, _ = tiny_run
+    model, tokenizer = load_for_inference(out / "models" / "teacher", preset, detect("cpu"))
+    outputs = generate_with_budget(model, tokenizer, [chat_prompt("3+4"), chat_prompt("(2+5)*3")], think_budget=6,
+                                   batch_size=4, min_think_tokens=4, max_waits=2, answer_tokens=4)
+    for text in outputs:
+        thought, _, _ = text.partition(THINK_CLOSE)
+        assert text.count(THINK_CLOSE) == 1
+        assert thought.count("Wait") <= 2
+        thought_tokens = len(tokenizer(thought.replace("Wait", ""), add_special_tokens=False)["input_ids"])
+        assert thought_tokens <= 6 + 1  # the budget, and the newline written before the forced close
+
+
+def test_eval_reports_test_time_compute_metrics(tiny_run, tmp_path):
+    from budget_reasoner.eval.run import evaluate
+
+    out, preset, _ = tiny_run
+    summary = evaluate(out / "sft", out / "data" / "problems" / "held_out.jsonl", tmp_path / "ev", preset)
+    k = preset.eval.maj_k
+    for key in ("accuracy", "pass@1", f"pass@{k}", f"maj@{k}", f"best_of_{k}"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary[f"pass@{k}"] >= summary["pass@1"]
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert summary["pass@1"] == pytest.approx(sum(sum(r["samples_correct"]) for r in rows) / (len(rows) * k))
+    assert (tmp_path / "ev" / "accuracy_vs_samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| maj@" in (tmp_path / "ev" / "summary.md").read_text() or f"maj@{k}" in (tmp_path / "ev" / "summary.md").read_text()
+
+
+def test_eval_command_on_a_benchmark_file(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from budget_reasoner.cli import app
+    from tests.conftest import TINY
+
+    out, _, _ = tiny_run
+    rows = [json.loads(line) for line in (SHARED_DATA / "amc23" / "test.jsonl").read_text().splitlines()[:3]]
+    small = tmp_path / "amc.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["eval", "--model", str(out / "sft"), "--benchmark", "amc23", "--problems", str(small),
+                                      "--out", str(tmp_path / "ev"), "--samples", "2", *overrides])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["problems"] == 3 and "maj@2" in summary
