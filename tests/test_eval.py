@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
