@@ -44,7 +44,7 @@ class ModelConfig:
         default_factory=lambda: TinyModelConfig(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=768)
     )
     max_length: int = 160  # prompt + completion tokens seen in training
-    attention: str = "sdpa"  # "sdpa" | "eager"
+    attention: str = "sdpa"  # "sdpa" | "eager" | "budget_flash" (our fused Triton kernel)
 
 
 @dataclass

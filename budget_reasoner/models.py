@@ -105,7 +105,12 @@ def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, qua
             str(name_or_path), max_seq_length=preset.model.max_length, dtype=dtype, load_in_4bit=True
         )
         return model
-    kwargs = {"dtype": dtype, "attn_implementation": preset.model.attention}
+    attention = preset.model.attention
+    if attention == "budget_flash":
+        from budget_reasoner.kernels.attention import register_attention
+
+        attention = register_attention()  # our fused kernel, through transformers' attention interface
+    kwargs = {"dtype": dtype, "attn_implementation": attention}
     if quantize:
         from transformers import BitsAndBytesConfig
 
