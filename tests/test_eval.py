@@ -67,7 +67,7 @@ def test_malformed_benchmark_files_name_file_and_line(tmp_path):
     with pytest.raises(BudgetReasonerError, match=r"gsm.jsonl: line 2: not valid JSON"):
         load_benchmark("gsm8k", path)
     path.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(BudgetReasonerError, match=r"gsm.jsonl: line 1: missing field\(s\) answer"):
+    with pytest.raises(BudgetReasonerError, match=r"gsm.jsonl: line 1: missing column\(s\) answer"):
         load_benchmark("gsm8k", path)
     with pytest.raises(BudgetReasonerError, match="unknown benchmark"):
         load_benchmark("mmlu", path)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.io import read_jsonl
 
 
 def _number_text(value) -> str:
@@ -43,23 +43,6 @@ BENCHMARKS = {
 }
 
 
-def _read_records(path: Path, required: tuple[str, ...]) -> list[dict]:
-    records = []
-    with path.open() as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BudgetReasonerError(f"{path}: line {line_number}: not valid JSON ({error.msg})") from None
-            missing = [name for name in required if name not in record]
-            if missing:
-                raise BudgetReasonerError(f"{path}: line {line_number}: missing field(s) {', '.join(missing)}")
-            records.append(record)
-    return records
-
-
 def load_benchmark(name: str, path_or_id: str | Path | None = None) -> list[dict]:
     """Problems of a named benchmark, from `path_or_id` (a local JSONL file or a hub id; default: the hub copy)."""
     if name not in BENCHMARKS:
@@ -67,7 +50,7 @@ def load_benchmark(name: str, path_or_id: str | Path | None = None) -> list[dict
     spec = BENCHMARKS[name]
     source = str(path_or_id) if path_or_id else spec.hub[0]
     if path_or_id and Path(path_or_id).exists():
-        records = _read_records(Path(path_or_id), spec.required)
+        records = read_jsonl(Path(path_or_id), spec.required)
     else:
         import datasets  # a hub id; needs network access
 

@@ -14,6 +14,23 @@ from budget_reasoner.kernels.attention import block_sizes
 
 
 @triton.jit
+def _load_tile(base, rows, offs_d, T, D: tl.constexpr, UPCAST: tl.constexpr):
+    """A [rows, BLOCK_D] tile of one head's (T, D) matrix; rows past T and the padded head dims read 0."""
+    tile = tl.load(base + rows[:, None] * D + offs_d[None, :], mask=(rows[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    return tile.to(tl.float32) if UPCAST else tile
+
+
+@triton.jit
+def _probabilities(q, k, rows, cols, lse, scale, T, CAUSAL: tl.constexpr):
+    """The softmax probabilities of a (rows x cols) block, recomputed from the saved log-sum-exp."""
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    valid = (rows[:, None] < T) & (cols[None, :] < T)
+    if CAUSAL:
+        valid = valid & (rows[:, None] >= cols[None, :])
+    return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, O, LSE, scale, T, H, GROUPS,
                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -24,19 +41,15 @@ def _forward_kernel(Q, K, V, O, LSE, scale, T, H, GROUPS,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0)
-    q = q.to(tl.float32) if UPCAST else q
+    q = _load_tile(Q + bh * T * D, offs_m, offs_d, T, D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end_n = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T  # causal: blocks past the diagonal are skipped
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < T) & d_mask[None, :]
-        k = tl.load(K + kv_bh * T * D + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        k = k.to(tl.float32) if UPCAST else k
-        v = tl.load(V + kv_bh * T * D + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = v.to(tl.float32) if UPCAST else v
+        k = _load_tile(K + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
+        v = _load_tile(V + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         valid = cols[None, :] < T
         if CAUSAL:
@@ -68,28 +81,18 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, H, GROUPS,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    kv_mask = (offs_n[:, None] < T) & d_mask[None, :]
-    k = tl.load(K + kv_bh * T * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    k = k.to(tl.float32) if UPCAST else k
-    v = tl.load(V + kv_bh * T * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = v.to(tl.float32) if UPCAST else v
+    k = _load_tile(K + kv_bh * T * D, offs_n, offs_d, T, D, UPCAST)
+    v = _load_tile(V + kv_bh * T * D, offs_n, offs_d, T, D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     begin_m = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: earlier queries never see these keys
     for start_m in range(begin_m, T, BLOCK_M):
         rows = start_m + offs_m
-        q_mask = (rows[:, None] < T) & d_mask[None, :]
-        q = tl.load(Q + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-        q = q.to(tl.float32) if UPCAST else q
-        do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-        do = do.to(tl.float32) if UPCAST else do
+        q = _load_tile(Q + bh * T * D, rows, offs_d, T, D, UPCAST)
+        do = _load_tile(DO + bh * T * D, rows, offs_d, T, D, UPCAST)
         lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)
         delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        valid = (rows[:, None] < T) & (offs_n[None, :] < T)
-        if CAUSAL:
-            valid = valid & (rows[:, None] >= offs_n[None, :])
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        p = _probabilities(q, k, rows, offs_n, lse, scale, T, CAUSAL)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - delta[:, None])
@@ -112,26 +115,17 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, H, GROUPS,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     q_mask = (offs_m[:, None] < T) & d_mask[None, :]
-    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-    q = q.to(tl.float32) if UPCAST else q
-    do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-    do = do.to(tl.float32) if UPCAST else do
+    q = _load_tile(Q + bh * T * D, offs_m, offs_d, T, D, UPCAST)
+    do = _load_tile(DO + bh * T * D, offs_m, offs_d, T, D, UPCAST)
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end_n = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < T) & d_mask[None, :]
-        k = tl.load(K + kv_bh * T * D + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        k = k.to(tl.float32) if UPCAST else k
-        v = tl.load(V + kv_bh * T * D + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = v.to(tl.float32) if UPCAST else v
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        valid = (offs_m[:, None] < T) & (cols[None, :] < T)
-        if CAUSAL:
-            valid = valid & (offs_m[:, None] >= cols[None, :])
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        k = _load_tile(K + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
+        v = _load_tile(V + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
+        p = _probabilities(q, k, offs_m, cols, lse, scale, T, CAUSAL)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k).to(tl.float32)
