@@ -52,7 +52,10 @@ def _preset(name: str, overrides: list[str] | None):
             raise BudgetReasonerError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.max_steps=50")
         parsed[key.strip()] = yaml.safe_load(value)
     if name == "auto":
-        name = "cpu-tiny"  # the GPU presets and their VRAM-based choice come with their own issue
+        from budget_reasoner.hardware import detect
+        from budget_reasoner.memory import recommend_preset
+
+        name, _ = recommend_preset(detect())
     return load_preset(name, parsed)
 
 
@@ -210,6 +213,40 @@ def eval_command(
         raise BudgetReasonerError("eval needs --problems FILE or --benchmark NAME")
     evaluate(model, problems, out, settings, domain)
     typer.echo((out / "summary.md").read_text())
+
+
+@presets_app.command("recommend")
+@friendly_errors
+def presets_recommend():
+    """The preset `--preset auto` picks on this machine, and why."""
+    from budget_reasoner.hardware import detect
+    from budget_reasoner.memory import recommend_preset
+
+    hardware = detect()
+    name, why = recommend_preset(hardware)
+    typer.echo(f"{name}: {why} ({hardware.describe()})")
+
+
+@app.command()
+@friendly_errors
+def vram(
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder with config.json (default: the preset's student)."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    stage: str = typer.Option("sft", help="sft, dpo or distill."),
+    vram_gb: Optional[float] = typer.Option(None, help="Card memory in GiB (default: the preset's)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
+    from budget_reasoner.memory import estimate_training_memory, read_model_shape
+
+    settings = _preset(preset, set_)
+    if stage not in ("sft", "dpo", "distill"):
+        raise BudgetReasonerError(f"--stage must be sft, dpo or distill, got {stage!r}")
+    shape = read_model_shape(model or settings.model.student)
+    estimate = estimate_training_memory(shape, settings, stage)
+    typer.echo(f"{model or settings.model.student} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, "
+               f"stage {stage}, {settings.model.max_length} tokens x batch {getattr(settings, stage).batch_size}")
+    typer.echo(estimate.table(vram_gb or settings.vram_gb or None))
 
 
 @presets_app.command("list")

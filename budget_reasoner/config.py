@@ -134,6 +134,7 @@ class EvalConfig:
 class Preset:
     name: str = "custom"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    vram_gb: float = 0.0  # the GPU memory this preset is sized for (0: the CPU)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)

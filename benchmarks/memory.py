@@ -1,0 +1,134 @@
+"""The VRAM estimator against measured peaks: one LoRA training step of randomly initialized real architectures.
+
+    python benchmarks/memory.py [--models Qwen/Qwen2.5-0.5B-Instruct meta-llama/Llama-3.2-1B-Instruct] [--tokens 512]
+
+Each case runs in a fresh subprocess. Measured = the bytes of the model's tensors (weights, quantization
+state, adapters) + what one step (forward, backward, optimizer step) adds at its peak: on the CPU the
+rise of the high-water RSS (reset with /proc/self/clear_refs just before the step), on CUDA of
+torch.cuda.max_memory_allocated. (RSS alone would also count the safetensors file pages that loading
+maps in.) The estimate is `budget_reasoner.memory.estimate_training_memory` for the same preset,
+without the CUDA context.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _quant_state_tensors(module):
+    """The absmax and code tensors of a bitsandbytes 4-bit weight (not parameters, so counted apart)."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None:
+        return []
+    tensors = [state.absmax, state.code]
+    if state.state2 is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    return [t for t in tensors if t is not None]
+
+
+def run_case(model: str, tokens: int, four_bit: bool, checkpointing: bool, fused: bool, saved: str) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from budget_reasoner.config import Preset
+    from budget_reasoner.kernels.patch import fused_causal_lm_loss
+    from budget_reasoner.memory import estimate_training_memory, read_model_shape
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=kwargs["dtype"])
+    lm = AutoModelForCausalLM.from_pretrained(saved, device_map={"": device}, **kwargs)
+    if not cuda:  # weights loaded as views of the mmapped file would page in during the step: make them plain memory
+        with torch.no_grad():
+            for tensor in [*lm.parameters(), *lm.buffers()]:
+                if getattr(tensor, "quant_state", None) is None:
+                    tensor.data = tensor.data.clone()
+        import gc
+
+        gc.collect()
+    # the same preparation for both precisions (it is a no-op cast for fp32), checkpointing switched by the case
+    lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=checkpointing)
+    preset = Preset()
+    preset.model.max_length = tokens
+    preset.quantization.load_in_4bit = four_bit
+    preset.quantization.compute_dtype = "bfloat16" if cuda else "float32"
+    preset.sft.batch_size, preset.sft.gradient_checkpointing, preset.sft.fused_loss = 1, checkpointing, fused
+    lm = get_peft_model(lm, LoraConfig(r=preset.lora.r, lora_alpha=preset.lora.alpha, target_modules=preset.lora.target_modules))
+    lm.train()
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-4)
+    input_ids = torch.randint(1000, (1, tokens), device=device)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    model_bytes = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
+    model_bytes += sum(sum(t.numel() * t.element_size() for t in _quant_state_tensors(m)) for m in lm.modules())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: loading peaks do not count
+        before = vm_kib("VmRSS") * 1024
+    loss = fused_causal_lm_loss(lm, inputs) if fused else lm(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    measured = model_bytes + (torch.cuda.max_memory_allocated() if cuda else vm_kib("VmHWM") * 1024) - before
+    estimate = estimate_training_memory(read_model_shape(model), preset, "sft", device=device)
+    estimated = sum(v for k, v in estimate.parts.items() if not k.startswith("CUDA"))
+    return {"model": model, "tokens": tokens, "4bit": four_bit, "checkpointing": checkpointing, "fused": fused,
+            "measured": measured, "estimated": estimated}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(**json.loads(args.case))))
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from budget_reasoner.memory import KNOWN_CONFIGS
+
+    index = json.loads((KNOWN_CONFIGS / "index.json").read_text())
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for model in args.models:
+            fields = json.loads((KNOWN_CONFIGS / index[model]).read_text())
+            config = AutoConfig.for_model(**fields)
+            saved = os.path.join(folder, model.replace("/", "_"))
+            AutoModelForCausalLM.from_config(config).save_pretrained(saved)  # random weights of the real shape
+            for four_bit in (False, True):
+                for checkpointing in (False, True):
+                    for fused in (False, True):
+                        case = dict(model=model, tokens=args.tokens, four_bit=four_bit, checkpointing=checkpointing, fused=fused, saved=saved)
+                        result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+                        if result.returncode != 0:
+                            print(f"{case}: failed: {result.stderr.strip().splitlines()[-1]}")
+                            continue
+                        row = json.loads(result.stdout.strip().splitlines()[-1])
+                        rows.append(row)
+                        print(f"{row['model']:<34} 4bit={row['4bit']!s:<5} gc={row['checkpointing']!s:<5} fused={row['fused']!s:<5} "
+                              f"measured {row['measured'] / 2**30:6.2f} GiB  estimated {row['estimated'] / 2**30:6.2f} GiB  "
+                              f"error {row['estimated'] / row['measured'] - 1:+.1%}", flush=True)
+    worst = max(abs(r["estimated"] / r["measured"] - 1) for r in rows)
+    print(f"worst relative error: {worst:.1%} over {len(rows)} cases")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The VRAM estimator: parameter counts against known models, the parts' arithmetic, every GPU preset fits."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from budget_reasoner.cli import app
+from budget_reasoner.config import available_presets, load_preset
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.memory import GIB, estimate_training_memory, lora_parameters, preset_fits, read_model_shape
+
+
+@pytest.mark.parametrize("model, billions", [
+    ("Qwen/Qwen2.5-0.5B-Instruct", 0.494),  # the published parameter counts
+    ("Qwen/Qwen2.5-7B-Instruct", 7.62),
+    ("meta-llama/Llama-3.1-8B-Instruct", 8.03),
+    ("meta-llama/Llama-3.2-1B-Instruct", 1.24),
+])
+def test_parameter_counts_match_the_published_ones(model, billions):
+    assert read_model_shape(model).parameters / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_lora_parameter_count_by_hand():
+    shape = read_model_shape("Qwen/Qwen2.5-0.5B-Instruct")
+    preset = load_preset("cpu-tiny", {"lora.r": 16, "lora.target_modules": ["q_proj", "v_proj"]})
+    # per layer: q 16*(896+896) + v 16*(896+128), 24 layers
+    assert lora_parameters(shape, preset) == 24 * (16 * 1792 + 16 * 1024)
+
+
+def test_the_fused_loss_and_checkpointing_lower_the_estimate():
+    shape = read_model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    preset = load_preset("12gb")
+    base = estimate_training_memory(shape, preset, "sft").total
+    preset.sft.fused_loss = False
+    assert estimate_training_memory(shape, preset, "sft").total > base
+    preset.sft.gradient_checkpointing = False
+    assert estimate_training_memory(shape, preset, "sft").total > base
+    # logits without the fused loss: tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16
+    tokens = preset.sft.batch_size * preset.model.max_length
+    assert estimate_training_memory(shape, preset, "sft").parts["logits + loss"] == tokens * shape.vocab * 14
+
+
+@pytest.mark.parametrize("name", [name for name in available_presets() if load_preset(name).vram_gb > 0])
+def test_every_gpu_preset_fits_its_card_with_10_percent_headroom(name):
+    preset = load_preset(name)
+    fits, estimates = preset_fits(preset, preset.vram_gb)
+    assert fits, {stage: round(e.total / GIB, 2) for stage, e in estimates.items()}
+
+
+def test_a_local_config_is_read_and_a_bad_id_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "vocab_size": 100}))
+    assert read_model_shape(tmp_path).kv_heads == 4
+    with pytest.raises(BudgetReasonerError, match="pass a local folder"):
+        read_model_shape(str(tmp_path / "nope"))
+
+
+def test_vram_command_prints_the_breakdown():
+    result = CliRunner().invoke(app, ["vram", "--preset", "24gb"])
+    assert result.exit_code == 0, result.output
+    assert "base weights (NF4)" in result.output and "fits a 24 GiB card" in result.output
+    result = CliRunner().invoke(app, ["vram", "--preset", "8gb", "--model", "Qwen/Qwen2.5-32B-Instruct"])
+    assert "does NOT fit" in result.output
+    assert "cpu-tiny" in CliRunner().invoke(app, ["presets", "recommend"]).output
