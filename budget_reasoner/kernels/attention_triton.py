@@ -14,6 +14,12 @@ from budget_reasoner.kernels.attention import block_sizes
 
 
 @triton.jit
+def _kv_row(bh, H, GROUPS):
+    """The (batch, kv head) row that serves (batch, query head) row `bh`: query head h reads kv head h // GROUPS."""
+    return (bh // H) * (H // GROUPS) + (bh % H) // GROUPS
+
+
+@triton.jit
 def _load_tile(base, rows, offs_d, T, D: tl.constexpr, UPCAST: tl.constexpr):
     """A [rows, BLOCK_D] tile of one head's (T, D) matrix; rows past T and the padded head dims read 0."""
     tile = tl.load(base + rows[:, None] * D + offs_d[None, :], mask=(rows[:, None] < T) & (offs_d[None, :] < D), other=0.0)
@@ -36,7 +42,7 @@ def _forward_kernel(Q, K, V, O, LSE, scale, T, H, GROUPS,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (bh // H) * (H // GROUPS) + (bh % H) // GROUPS
+    kv_bh = _kv_row(bh, H, GROUPS)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -76,7 +82,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, H, GROUPS,
     """One key block of one query head: dV = sum P^T dO, dK = scale * sum dS^T Q over the query blocks."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (bh // H) * (H // GROUPS) + (bh % H) // GROUPS
+    kv_bh = _kv_row(bh, H, GROUPS)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -109,7 +115,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, H, GROUPS,
     """One query block: dQ = scale * sum dS K over the key blocks."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (bh // H) * (H // GROUPS) + (bh % H) // GROUPS
+    kv_bh = _kv_row(bh, H, GROUPS)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
