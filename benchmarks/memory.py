@@ -62,8 +62,11 @@ def run_case(model: str, tokens: int, four_bit: bool, checkpointing: bool, fused
         import gc
 
         gc.collect()
-    # the same preparation for both precisions (it is a no-op cast for fp32), checkpointing switched by the case
-    lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=checkpointing)
+    if four_bit:  # what budget_reasoner.train.common.load_for_training does
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:  # what the Trainer does (prepare_model_for_kbit_training leaves unquantized models alone)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.enable_input_require_grads()
     preset = Preset()
     preset.model.max_length = tokens
     preset.quantization.load_in_4bit = four_bit
