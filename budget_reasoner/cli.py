@@ -76,13 +76,14 @@ def quickstart(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     out: Path = typer.Option(Path("runs/quickstart"), help="Run folder; rerun with the same folder to resume."),
     report_to: str = typer.Option("none", help=REPORT_HELP),
+    gpu_hour_price: Optional[float] = typer.Option(None, help="Dollars per GPU-hour: the report prices each stage."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
-    results = run_quickstart(out, _preset(preset, set_), domain, _report_to(report_to))
+    results = run_quickstart(out, _preset(preset, set_), domain, _report_to(report_to), gpu_hour_price)
     typer.echo(markdown(results))
     typer.echo(f"report: {out / 'report.md'}")
 

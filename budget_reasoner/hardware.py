@@ -39,3 +39,35 @@ def detect(requested: str = "auto") -> Hardware:
         backend = "unsloth" if importlib.util.find_spec("unsloth") else "bitsandbytes"
         return Hardware("cuda", props.name, props.total_memory / 2**30, (props.major, props.minor), backend)
     return Hardware("cpu", "cpu", None, None, "cpu")
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's max_memory_allocated, or on Linux CPUs the high-water RSS (reset on entry)."""
+
+    def __init__(self, device: str):
+        self.device, self.bytes = device, 0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")
+            except OSError:  # not Linux: the high-water mark then covers the whole process
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            import resource
+
+            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            try:
+                with open("/proc/self/status") as handle:
+                    self.bytes = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+            except OSError:
+                pass
+        return False

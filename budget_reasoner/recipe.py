@@ -88,8 +88,12 @@ def make_teacher(teacher: str, preset: Preset, hardware: Hardware):
     return TransformersTeacher(model, tokenizer, Path(teacher).name, preset.generate.batch_size)
 
 
-def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none") -> dict:
-    """Run the whole recipe into `out` and write the report. Returns the report as a dict."""
+def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
+               gpu_hour_price: float | None = None) -> dict:
+    """Run the whole recipe into `out` and write the report. Returns the report as a dict.
+
+    Each training stage records its wall time, device, tokens and peak memory; with `gpu_hour_price`
+    (dollars per GPU-hour) the report prices every stage and the whole run."""
     out = Path(out)
     claim_run_folder(out, preset, domain)
     quiet_libraries()
@@ -120,8 +124,18 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     )
     for name, run_stage in stage_runs:
         record = run_stage()
-        results["stages"][name] = {**held_out_eval(name, out / name), "train_seconds": record["seconds"], "loss": _losses(record["history"])}
+        results["stages"][name] = {
+            **held_out_eval(name, out / name), "train_seconds": record["seconds"], "loss": _losses(record["history"]),
+            "device": hardware.describe(), "tokens": record.get("tokens"),
+            "peak_memory_gb": record["peak_memory_bytes"] / 2**30 if record.get("peak_memory_bytes") else None,
+        }
     results["seconds"] = _total_seconds(out, results)
+    if gpu_hour_price is not None:
+        for stage in results["stages"].values():
+            if "train_seconds" in stage:
+                stage["cost_usd"] = stage["train_seconds"] / 3600 * gpu_hour_price
+        results["gpu_hour_price"] = gpu_hour_price
+        results["cost_usd"] = results["seconds"] / 3600 * gpu_hour_price
     write_report(out, results)
     if report_to == "wandb":
         log_to_wandb(results)

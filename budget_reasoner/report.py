@@ -24,12 +24,13 @@ def markdown(results: dict) -> str:
     lines = [
         f"# budget-reasoner run: preset `{results['preset']}`, domain `{results['domain']}`",
         "",
-        f"Hardware: {results['hardware']}. Total compute: {results['seconds'] / 60:.1f} min.",
+        f"Hardware: {results['hardware']}. Total compute: {results['seconds'] / 60:.1f} min"
+        + (f", ${results['cost_usd']:.4f} at ${results['gpu_hour_price']:g}/GPU-hour." if "cost_usd" in results else "."),
         "",
         "Held-out accuracy on the same problems after each stage (greedy pass@1, and majority vote over samples):",
         "",
-        "| model | accuracy | majority vote | train time |",
-        "|---|---|---|---|",
+        "| model | accuracy | majority vote | train time | tokens | peak memory | cost |",
+        "|---|---|---|---|---|---|---|",
     ]
     rows = [(name, results["stages"][name]) for name in STAGE_ORDER if name in results["stages"]]
     if results.get("teacher"):
@@ -38,7 +39,10 @@ def markdown(results: dict) -> str:
         key = _majority_key(summary)
         vote = f"{summary[key]:.1%} ({key})" if key and summary[key] is not None else "-"
         train = f"{summary['train_seconds']:.0f} s" if "train_seconds" in summary else "-"
-        lines.append(f"| {name} | {summary['accuracy']:.1%} | {vote} | {train} |")
+        tokens = f"{summary['tokens']:,}" if summary.get("tokens") else "-"
+        memory = f"{summary['peak_memory_gb']:.2f} GiB" if summary.get("peak_memory_gb") else "-"
+        cost = f"${summary['cost_usd']:.4f}" if "cost_usd" in summary else "-"
+        lines.append(f"| {name} | {summary['accuracy']:.1%} | {vote} | {train} | {tokens} | {memory} | {cost} |")
     generated = results.get("generate", {})
     if generated:
         lines += ["", f"Generation: {generated.get('chains', 0)} teacher chains for {generated.get('problems', 0)} problems, "

@@ -162,3 +162,16 @@ def test_lora_on_lm_head_is_refused(tiny_preset):
     tiny_preset.lora.target_modules = ["q_proj", "lm_head"]
     with pytest.raises(BudgetReasonerError, match="lm_head"):
         peft_lora_config(tiny_preset)
+
+
+def test_report_accounts_for_cost(tiny_run):
+    from budget_reasoner import recipe
+
+    out, preset, _ = tiny_run
+    results = recipe.quickstart(out, preset, gpu_hour_price=2.0)  # complete: only the report is rewritten
+    for name in ("sft", "dpo", "distill"):
+        stage = results["stages"][name]
+        assert stage["tokens"] > 0 and stage["peak_memory_gb"] > 0 and stage["device"].startswith("CPU")
+        assert stage["cost_usd"] == pytest.approx(stage["train_seconds"] / 3600 * 2.0)
+    assert results["cost_usd"] == pytest.approx(results["seconds"] / 3600 * 2.0)
+    assert "$" in (out / "report.md").read_text()

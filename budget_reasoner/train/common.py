@@ -9,6 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.hardware import PeakMemory
 from budget_reasoner.io import mark_complete, read_json, write_json
 from budget_reasoner.models import load_model
 from budget_reasoner.progress import progress_bar, say
@@ -59,12 +60,15 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
         seed=preset.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own rich bar (ProgressCallback) reports instead
+        include_num_input_tokens_seen=True,  # the report's cost accounting counts tokens
         **extra,
     )
 
 
 def train_with_resume(trainer, output_dir: Path) -> list[dict]:
-    """Train, resuming from the newest checkpoint of an interrupted run; return the log history."""
+    """Train, resuming from the newest checkpoint of an interrupted run; return the log history.
+
+    The last history entry also carries `tokens` (input tokens seen) and `peak_memory_bytes`."""
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = output_dir / "checkpoints"
@@ -75,8 +79,9 @@ def train_with_resume(trainer, output_dir: Path) -> list[dict]:
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
     trainer.add_callback(RichProgressCallback())
-    trainer.train(resume_from_checkpoint=last)
-    return trainer.state.log_history
+    with PeakMemory(trainer.args.device.type) as peak:
+        trainer.train(resume_from_checkpoint=last)
+    return [*trainer.state.log_history, {"tokens": int(trainer.state.num_input_tokens_seen), "peak_memory_bytes": peak.bytes}]
 
 
 def save_stage(output_dir: Path, model, tokenizer, base: str, history: list[dict], info: dict) -> dict:
@@ -86,7 +91,8 @@ def save_stage(output_dir: Path, model, tokenizer, base: str, history: list[dict
     else:
         model.save_pretrained(output_dir / "adapter")
     tokenizer.save_pretrained(output_dir / "adapter")
-    record = {"base": str(base), "adapter": "adapter", "history": history, **info}
+    usage = history[-1] if history and "peak_memory_bytes" in history[-1] else {}
+    record = {"base": str(base), "adapter": "adapter", "history": history, **usage, **info}
     write_json(output_dir / "stage.json", record)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     mark_complete(output_dir, {key: value for key, value in record.items() if key != "history"})
