@@ -19,6 +19,11 @@ import tempfile
 from pathlib import Path
 
 
+# glibc's per-thread arenas and moving mmap threshold made the same case's peak RSS move by ~0.9 GiB between
+# runs; one arena and a fixed threshold (large blocks always mmapped, so freed ones leave RSS) steady it
+STEADY_MALLOC = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
 def vm_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -120,7 +125,8 @@ def main():
                 for checkpointing in (False, True):
                     for fused in (False, True):
                         case = dict(model=model, tokens=args.tokens, four_bit=four_bit, checkpointing=checkpointing, fused=fused, saved=saved)
-                        result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+                        result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
+                                                env=STEADY_MALLOC)
                         if result.returncode != 0:
                             print(f"{case}: failed: {result.stderr.strip().splitlines()[-1]}")
                             continue

@@ -24,7 +24,7 @@ from budget_reasoner.generate import generate
 from budget_reasoner.generate.pipeline import write_problems
 from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
 from budget_reasoner.hardware import Hardware, detect
-from budget_reasoner.io import is_complete, mark_complete, read_json, write_json
+from budget_reasoner.io import finished, is_complete, mark_complete, read_json, write_json
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
 from budget_reasoner.train.distill import cache_teacher_topk, distill
@@ -69,9 +69,8 @@ def needs_bootstrap(preset: Preset) -> bool:
 
 def run_bootstrap(out: Path, preset: Preset) -> dict:
     models_dir = out / "models"
-    if is_complete(models_dir):
-        say(f"bootstrap: {models_dir} is complete, skipping")
-        return read_json(models_dir / "COMPLETE.json")
+    if (record := finished(models_dir, "bootstrap", "COMPLETE.json")) is not None:
+        return record
     _, held_out = write_problems(out / "data" / "problems", preset)
     started = time.time()
     log = bootstrap(preset, models_dir, {row["question"] for row in held_out})
