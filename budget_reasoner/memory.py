@@ -12,7 +12,8 @@ The parts, per stage (sft, dpo, distill), in bytes:
   the heads x T x T scores;
 - logits: tokens x vocab x 14 bytes in bf16 (logits, their fp32 copy, fp32 log-softmax and gradient),
   or one chunk of fp32 logits with the fused loss (DPO in TRL always uses its chunked LM head);
-- a fixed allowance for the CUDA context, cuBLAS workspaces and allocator fragmentation.
+- on CUDA, 5% for the caching allocator's fragmentation and a fixed allowance for the CUDA context and
+  cuBLAS workspaces (on the CPU, measured with steady malloc settings, neither is needed).
 DPO runs chosen and rejected together (twice the sequences). `budget-reasoner vram` prints the table.
 """
 
@@ -24,12 +25,12 @@ from pathlib import Path
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.kernels.fused_loss import chunk_tokens_for
 
 GIB = 2**30
 KNOWN_CONFIGS = Path(__file__).resolve().parent.parent / "data" / "model_configs"
 CUDA_CONTEXT_BYTES = 0.6 * GIB  # context + cuBLAS/cuDNN workspaces; not in max_memory_allocated but on the card
-FRAGMENTATION = 1.05  # the caching allocator rarely packs perfectly
-FUSED_CHUNK_BYTES = 2**27  # kernels.fused_loss.CHUNK_LOGITS_BYTES
+FRAGMENTATION = 1.05  # CUDA's caching allocator rarely packs perfectly
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -152,13 +153,13 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
                                              * preset.model.max_length**2 * (compute + 4) * (1 if settings.gradient_checkpointing else shape.layers))
     fused = settings.fused_loss or stage in ("dpo", "distill")  # TRL's DPO and our distill are chunked already
     if fused:
-        parts["logits (fused, one chunk)"] = min(tokens, max(16, FUSED_CHUNK_BYTES // (4 * shape.vocab))) * shape.vocab * 4
+        parts["logits (fused, one chunk)"] = min(tokens, chunk_tokens_for(shape.vocab)) * shape.vocab * 4
     else:
         parts["logits + loss"] = tokens * shape.vocab * (compute + 4 + 4 + (4 if compute == 2 else 0))
     if device == "cuda":
+        allocated = sum(parts.values())
+        parts["allocator slack (5%)"] = allocated * (FRAGMENTATION - 1)
         parts["CUDA context + workspaces"] = CUDA_CONTEXT_BYTES
-    allocated = sum(value for key, value in parts.items() if not key.startswith("CUDA"))
-    parts["allocator slack (5%)"] = allocated * (FRAGMENTATION - 1)
     return estimate
 
 
