@@ -238,7 +238,7 @@ def vram(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
-    from budget_reasoner.memory import estimate_training_memory, read_model_shape
+    from budget_reasoner.memory import estimate_training_memory, longest_sequence, read_model_shape
 
     settings = _preset(preset, set_)
     if stage not in ("sft", "dpo", "distill"):
@@ -247,7 +247,11 @@ def vram(
     estimate = estimate_training_memory(shape, settings, stage)
     typer.echo(f"{model or settings.model.student} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, "
                f"stage {stage}, {settings.model.max_length} tokens x batch {getattr(settings, stage).batch_size}")
-    typer.echo(estimate.table(vram_gb or settings.vram_gb or None))
+    card = vram_gb or settings.vram_gb or None
+    typer.echo(estimate.table(card))
+    if card:
+        typer.echo(f"longest {stage} sequence at batch {getattr(settings, stage).batch_size} on this card: "
+                   f"~{longest_sequence(shape, settings, card, stage):,} tokens")
 
 
 @presets_app.command("list")

@@ -182,3 +182,22 @@ def recommend_preset(hardware) -> tuple[str, str]:
         if 0 < preset.vram_gb <= hardware.total_memory_gb and preset_fits(preset, hardware.total_memory_gb)[0]:
             return preset.name, f"{hardware.name} has {hardware.total_memory_gb:.0f} GiB; {preset.name} is sized for {preset.vram_gb:g} GiB and fits with 10% headroom"
     return "cpu-tiny", f"{hardware.name} has {hardware.total_memory_gb:.0f} GiB, less than any GPU preset needs"
+
+
+def longest_sequence(shape: ModelShape, preset: Preset, vram_gb: float, stage: str = "sft", headroom: float = 0.10) -> int:
+    """The longest training sequence (at the preset's batch size) whose estimate fits `vram_gb` with `headroom`."""
+    import copy
+
+    trial = copy.deepcopy(preset)
+
+    def fits(length: int) -> bool:
+        trial.model.max_length = length
+        return estimate_training_memory(shape, trial, stage).fits(vram_gb, headroom)
+
+    low, high = 0, 1024
+    while fits(high) and high < 2**21:
+        low, high = high, high * 2
+    while high - low > 64:  # a multiple of 64 is precise enough to size a preset
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

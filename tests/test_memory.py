@@ -63,3 +63,16 @@ def test_vram_command_prints_the_breakdown():
     result = CliRunner().invoke(app, ["vram", "--preset", "8gb", "--model", "Qwen/Qwen2.5-32B-Instruct"])
     assert "does NOT fit" in result.output
     assert "cpu-tiny" in CliRunner().invoke(app, ["presets", "recommend"]).output
+
+
+def test_longest_sequence_brackets_the_fit():
+    from budget_reasoner.memory import longest_sequence
+
+    preset = load_preset("24gb")
+    shape = read_model_shape(preset.model.student)
+    longest = longest_sequence(shape, preset, preset.vram_gb)
+    assert longest >= preset.model.max_length  # the preset's own length fits (asserted above too)
+    preset.model.max_length = longest
+    assert estimate_training_memory(shape, preset, "sft").fits(preset.vram_gb)
+    preset.model.max_length = longest + 128
+    assert not estimate_training_memory(shape, preset, "sft").fits(preset.vram_gb)
