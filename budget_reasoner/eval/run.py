@@ -37,6 +37,11 @@ def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Har
     return model, tokenizer
 
 
+def vote_is_correct(domain: str, vote: str | None, reference: str) -> bool:
+    """A majority-voted (already extracted) answer graded like a completion that boxes it."""
+    return vote is not None and check(domain, f"\\boxed{{{vote}}}", reference)
+
+
 def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
              hardware: Hardware | None = None, name: str | None = None) -> dict:
     """Greedy (or budget-forced) accuracy, and over `eval.maj_k` samples: pass@1, pass@k, maj@k, best-of-k."""
@@ -49,17 +54,18 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     settings = preset.eval
     label = f"eval {name or ''}".strip()
     prompts = [chat_prompt(p["question"], preset.generate.instruction) for p in problems]
+    texts = prompt_texts(tokenizer, prompts)
     started = time.time()
     if settings.think_budget > 0:
         first = generate_with_budget(model, tokenizer, prompts, settings.think_budget, settings.batch_size,
                                      settings.min_think_tokens, settings.max_waits, description=f"{label} budget forcing")
     else:
-        first = [g[0].text for g in generate_texts(model, tokenizer, prompt_texts(tokenizer, prompts), settings.max_new_tokens,
+        first = [g[0].text for g in generate_texts(model, tokenizer, texts, settings.max_new_tokens,
                                                    settings.batch_size, description=f"{label} greedy")]
     k = settings.maj_k
     sampled = [[] for _ in problems]
     if k > 1:
-        sampled = generate_texts(model, tokenizer, prompt_texts(tokenizer, prompts), settings.max_new_tokens, settings.batch_size,
+        sampled = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
                                  temperature=settings.temperature, num_samples=k, seed=preset.seed, description=f"{label} {k} samples")
     rows, reference_errors = [], 0
     for problem, completion, samples in zip(problems, first, sampled):
@@ -74,7 +80,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
             row |= {"samples": [s.text for s in samples],
                     "samples_correct": [check(domain, s.text, problem["answer"]) for s in samples],
                     "sample_answers": answers, "majority_answer": vote,
-                    "majority_correct": vote is not None and check(domain, f"\\boxed{{{vote}}}", problem["answer"]),
+                    "majority_correct": vote_is_correct(domain, vote, problem["answer"]),
                     "best_of_n_correct": check(domain, best, problem["answer"])}
         rows.append(row)
     summary = {"model": str(model_or_stage), "problems": len(rows), "accuracy": mean([r["correct"] for r in rows]),
@@ -118,7 +124,7 @@ def plot_samples_curve(rows: list[dict], domain: str, path: Path) -> None:
     k = len(rows[0]["sample_answers"])
     budgets = sorted({1, *[2**i for i in range(1, k.bit_length()) if 2**i <= k], k})
     curve = accuracy_curve([r["sample_answers"] for r in rows], [r["answer"] for r in rows],
-                           lambda vote, ref: vote is not None and check(domain, f"\\boxed{{{vote}}}", ref), budgets)
+                           lambda vote, reference: vote_is_correct(domain, vote, reference), budgets)
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot(list(curve), list(curve.values()), marker="o")
     axis.set_xscale("log", base=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -65,10 +66,11 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
     )
 
 
-def train_with_resume(trainer, output_dir: Path) -> list[dict]:
-    """Train, resuming from the newest checkpoint of an interrupted run; return the log history.
+def train_with_resume(trainer, output_dir: Path) -> dict:
+    """Train, resuming from the newest checkpoint of an interrupted run.
 
-    The last history entry also carries `tokens` (input tokens seen) and `peak_memory_bytes`."""
+    Returns what the stage record keeps of the run: the log `history`, the wall `seconds` of this
+    session's training, the input `tokens` seen and the `peak_memory_bytes`."""
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = output_dir / "checkpoints"
@@ -79,20 +81,21 @@ def train_with_resume(trainer, output_dir: Path) -> list[dict]:
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
     trainer.add_callback(RichProgressCallback())
+    started = time.time()
     with PeakMemory(trainer.args.device.type) as peak:
         trainer.train(resume_from_checkpoint=last)
-    return [*trainer.state.log_history, {"tokens": int(trainer.state.num_input_tokens_seen), "peak_memory_bytes": peak.bytes}]
+    return {"history": trainer.state.log_history, "seconds": time.time() - started,
+            "tokens": int(trainer.state.num_input_tokens_seen), "peak_memory_bytes": peak.bytes}
 
 
-def save_stage(output_dir: Path, model, tokenizer, base: str, history: list[dict], info: dict) -> dict:
+def save_stage(output_dir: Path, model, tokenizer, base: str, run: dict, info: dict) -> dict:
     """Write the adapter, tokenizer and stage record, then drop the checkpoints and mark the stage complete."""
     if hasattr(model, "peft_config"):  # DPO holds a frozen "ref" copy beside "default"; only "default" is ours
         model.save_pretrained(output_dir / "adapter", selected_adapters=["default"])
     else:
         model.save_pretrained(output_dir / "adapter")
     tokenizer.save_pretrained(output_dir / "adapter")
-    usage = history[-1] if history and "peak_memory_bytes" in history[-1] else {}
-    record = {"base": str(base), "adapter": "adapter", "history": history, **usage, **info}
+    record = {"base": str(base), "adapter": "adapter", **run, **info}
     write_json(output_dir / "stage.json", record)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     mark_complete(output_dir, {key: value for key, value in record.items() if key != "history"})

@@ -161,7 +161,5 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
                         kd_alpha=settings.alpha, kd_temperature=settings.temperature)
     say(f"distill: {len(rows)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
         f"{describe_precision(preset, hardware)}")
-    started = time.time()
-    history = train_with_resume(trainer, out)
-    return save_stage(out, trainer.model, tokenizer, base, history,
-                      {"stage": "distill", "examples": len(rows), "seconds": time.time() - started})
+    return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
+                      {"stage": "distill", "examples": len(rows)})

@@ -9,7 +9,6 @@ reference, a known trap; tests/test_dpo.py checks the reference log-probs equal 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from budget_reasoner.config import Preset
@@ -58,7 +57,5 @@ def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: 
     trainer, tokenizer, base, num_pairs = build_dpo_trainer(pairs_file, sft_stage, out, preset, hardware, report_to)
     say(f"dpo: {num_pairs} pairs, beta {preset.dpo.beta}, NLL weight {preset.dpo.sft_weight}, reference = the sft adapter; "
         f"{describe_precision(preset, hardware)}")
-    started = time.time()
-    history = train_with_resume(trainer, out)
-    return save_stage(out, trainer.model, tokenizer, base, history,
-                      {"stage": "dpo", "pairs": num_pairs, "seconds": time.time() - started})
+    return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
+                      {"stage": "dpo", "pairs": num_pairs})

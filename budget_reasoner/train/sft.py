@@ -6,7 +6,6 @@ is on the completion only. Output: a LoRA adapter over the student base, plus `s
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from budget_reasoner.config import Preset
@@ -58,8 +57,5 @@ def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware
     trainer_class = fused_sft_trainer_class() if preset.sft.fused_loss else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_lora_config(preset))
-    started = time.time()
-    history = train_with_resume(trainer, out)
-    return save_stage(out, trainer.model, tokenizer, base, history,
-                      {"stage": "sft", "examples": len(rows), "seconds": time.time() - started,
-                       "precision": describe_precision(preset, hardware)})
+    return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
+                      {"stage": "sft", "examples": len(rows), "precision": describe_precision(preset, hardware)})
