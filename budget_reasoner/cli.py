@@ -116,11 +116,11 @@ def generate(
 ):
     """Sample chains from a teacher, keep the ones the verifier accepts, and build the SFT set and preference pairs."""
     from budget_reasoner.generate import generate as run_generate
-    from budget_reasoner.hardware import detect
+    from budget_reasoner.hardware import hardware_for
     from budget_reasoner.recipe import make_teacher
 
     settings = _preset(preset, set_)
-    summary = run_generate(out, settings, make_teacher(teacher, settings, detect(settings.device)), domain)
+    summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain)
     typer.echo(f"{summary['verified_chains']}/{summary['chains']} chains verified; "
                f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}")
 

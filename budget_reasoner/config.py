@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -45,6 +45,9 @@ class ModelConfig:
     )
     max_length: int = 160  # prompt + completion tokens seen in training
     attention: str = "sdpa"  # "sdpa" | "eager" | "budget_flash" (our fused Triton kernel)
+    # Who loads the model and adds LoRA for training (hardware.py decides "auto"): Unsloth's
+    # FastLanguageModel when CUDA and unsloth are present, else transformers + peft + bitsandbytes.
+    backend: Literal["auto", "unsloth", "bitsandbytes"] = "auto"
 
 
 @dataclass
@@ -133,7 +136,7 @@ class EvalConfig:
 @dataclass
 class Preset:
     name: str = "custom"
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     vram_gb: float = 0.0  # the GPU memory this preset is sized for (0: the CPU)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     seed: int = 0
@@ -210,6 +213,11 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise BudgetReasonerError(f"{source}: {key} must be a mapping, got {value!r}")
         return _build(hint, value, source, key + ".")
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise BudgetReasonerError(
+                f"{source}: {key} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+        return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):

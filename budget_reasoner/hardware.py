@@ -27,18 +27,49 @@ class Hardware:
         return f"CPU ({os.cpu_count()} cores), backend {self.backend}"
 
 
-def detect(requested: str = "auto") -> Hardware:
-    """Detect the device. `requested` is a preset's `device`: "auto", "cpu" or "cuda"."""
+def detect(requested: str = "auto", backend: str = "auto") -> Hardware:
+    """Detect the device and choose the training backend.
+
+    `requested` is a preset's `device` ("auto", "cpu", "cuda"); `backend` its `model.backend`:
+    "auto" picks Unsloth on a CUDA machine where `unsloth` is importable, else transformers + peft +
+    bitsandbytes ("bitsandbytes" on CUDA, "cpu" on the CPU: the same code, 4-bit included). "unsloth"
+    insists on Unsloth, which also runs on the CPU through its own fallback (how CI tests this path).
+    """
+    from budget_reasoner.errors import BudgetReasonerError
+
     use_cuda = torch.cuda.is_available() and requested in ("auto", "cuda")
     if requested == "cuda" and not torch.cuda.is_available():
-        from budget_reasoner.errors import BudgetReasonerError
-
         raise BudgetReasonerError("the preset asks for device: cuda, but no CUDA GPU is visible; use --preset cpu-tiny")
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if backend == "unsloth" and not has_unsloth:
+        raise BudgetReasonerError(
+            "model.backend: unsloth, but unsloth is not installed; pip install 'budget-reasoner[gpu]' "
+            "(on a CPU: pip install --no-deps unsloth unsloth_zoo), or --set model.backend=auto"
+        )
+    if backend == "unsloth" or (backend == "auto" and use_cuda and has_unsloth):
+        chosen = "unsloth"
+        import_unsloth()
+    else:
+        chosen = "bitsandbytes" if use_cuda else "cpu"
     if use_cuda:
         props = torch.cuda.get_device_properties(0)
-        backend = "unsloth" if importlib.util.find_spec("unsloth") else "bitsandbytes"
-        return Hardware("cuda", props.name, props.total_memory / 2**30, (props.major, props.minor), backend)
-    return Hardware("cpu", "cpu", None, None, "cpu")
+        return Hardware("cuda", props.name, props.total_memory / 2**30, (props.major, props.minor), chosen)
+    return Hardware("cpu", "cpu", None, None, chosen)
+
+
+def hardware_for(preset) -> Hardware:
+    """The machine a preset runs on: its device and backend settings resolved against what is present."""
+    return detect(preset.device, preset.model.backend)
+
+
+def import_unsloth():
+    """Import Unsloth now, before any trainer is built: it patches transformers and TRL (its fast
+    kernels on CUDA; its CPU fallback's trainer defaults on a CPU) for the rest of the process."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "import unsloth before transformers": this module already has
+        importlib.import_module("unsloth")
 
 
 class PeakMemory:

@@ -1,7 +1,7 @@
 """Load a model and tokenizer for the current backend, and build the offline tiny ones.
 
 Real models are hub ids or local paths, loaded with transformers (4-bit through bitsandbytes when the
-preset asks) or Unsloth on a CUDA machine that has it. With no hub to download from, the offline world
+preset asks); training on the Unsloth backend loads through Unsloth instead (`train/common.py`). With no hub to download from, the offline world
 builds its own: a byte-level BPE tokenizer trained on domain text (digits kept single, a ChatML template
 with `<think>`) and Qwen2 models from a config, so the code path is the same one that loads Qwen2.5.
 """
@@ -95,16 +95,9 @@ def torch_dtype(preset: Preset, hardware: Hardware) -> torch.dtype:
 
 
 def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, quantize: bool | None = None):
-    """Load a causal LM for training or inference, 4-bit when the preset asks and the backend allows."""
+    """Load a causal LM with transformers (4-bit when the preset asks): inference, teachers, and training off Unsloth."""
     quantize = preset.quantization.load_in_4bit if quantize is None else quantize
     dtype = torch_dtype(preset, hardware)
-    if hardware.backend == "unsloth" and quantize:
-        from unsloth import FastLanguageModel  # GPU-only; imported only when chosen
-
-        model, _ = FastLanguageModel.from_pretrained(
-            str(name_or_path), max_seq_length=preset.model.max_length, dtype=dtype, load_in_4bit=True
-        )
-        return model
     attention = preset.model.attention
     if attention == "budget_flash":
         from budget_reasoner.kernels.attention import register_attention

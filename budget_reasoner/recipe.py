@@ -23,7 +23,7 @@ from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
 from budget_reasoner.generate.pipeline import write_problems
 from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
-from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import finished, is_complete, mark_complete, read_json, write_json
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
@@ -98,7 +98,7 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     quiet_libraries()
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    hardware = detect(preset.device)
+    hardware = hardware_for(preset)
     say(f"budget-reasoner quickstart: preset {preset.name} on {hardware.describe()} -> {out}")
     student, teacher = model_paths(out, preset)
     held_out = out / "data" / "problems" / "held_out.jsonl"
@@ -125,7 +125,7 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         record = run_stage()
         results["stages"][name] = {
             **held_out_eval(name, out / name), "train_seconds": record["seconds"], "loss": _losses(record["history"]),
-            "device": hardware.describe(), "tokens": record.get("tokens"),
+            "device": record.get("device", hardware.describe()), "tokens": record.get("tokens"),
             "peak_memory_gb": record["peak_memory_bytes"] / 2**30 if record.get("peak_memory_bytes") else None,
         }
     results["seconds"] = _total_seconds(out, results)

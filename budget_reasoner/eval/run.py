@@ -15,7 +15,7 @@ from budget_reasoner.config import Preset
 from budget_reasoner.eval.generation import chat_prompt, generate_texts, generate_with_budget, prompt_texts
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, mean, pass_at_k
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
-from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import finished, mark_complete, read_jsonl, write_json, write_jsonl
 from budget_reasoner.models import load_model, load_tokenizer
 from budget_reasoner.train.common import stage_model_paths
@@ -48,7 +48,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     out = Path(out)
     if (record := finished(out, "eval", "summary.json")) is not None:
         return record
-    hardware = hardware or detect(preset.device)
+    hardware = hardware or hardware_for(preset)
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS)
     model, tokenizer = load_for_inference(model_or_stage, preset, hardware)
     settings = preset.eval

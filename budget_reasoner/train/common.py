@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import PeakMemory
 from budget_reasoner.io import mark_complete, read_json, write_json
-from budget_reasoner.models import load_model
+from budget_reasoner.models import describe_precision, load_model, torch_dtype
 from budget_reasoner.progress import progress_bar, say
 
 
@@ -88,6 +88,12 @@ def train_with_resume(trainer, output_dir: Path) -> dict:
             "tokens": int(trainer.state.num_input_tokens_seen), "peak_memory_bytes": peak.bytes}
 
 
+def stage_info(stage: str, preset, hardware, **counts) -> dict:
+    """What a stage record says about itself beyond the run: its data counts and the machine it trained on."""
+    return {"stage": stage, **counts, "device": hardware.describe(), "backend": hardware.backend,
+            "precision": describe_precision(preset, hardware)}
+
+
 def save_stage(output_dir: Path, model, tokenizer, base: str, run: dict, info: dict) -> dict:
     """Write the adapter, tokenizer and stage record, then drop the checkpoints and mark the stage complete."""
     if hasattr(model, "peft_config"):  # DPO holds a frozen "ref" copy beside "default"; only "default" is ours
@@ -118,12 +124,53 @@ def load_for_training(stage_or_model: str | Path, preset, hardware, trainable: b
     from peft import PeftModel, prepare_model_for_kbit_training
 
     base, adapter = stage_model_paths(Path(stage_or_model))
+    if hardware.backend == "unsloth":
+        return load_with_unsloth(base, adapter, preset, hardware, trainable), base
     model = load_model(base, preset, hardware)
     if preset.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return model, base
+
+
+def load_with_unsloth(base: str, adapter: Path | None, preset, hardware, trainable: bool = True):
+    """Unsloth's FastLanguageModel: its own (4-bit) loader and patched model. A previous stage's adapter goes on
+    as peft loads it, then through Unsloth's get_peft_model, which keeps it and adds Unsloth's LoRA patches."""
+    from peft import PeftModel
+    from unsloth import FastLanguageModel
+
+    try:
+        model, _ = FastLanguageModel.from_pretrained(str(base), max_seq_length=preset.model.max_length,
+                                                     dtype=torch_dtype(preset, hardware),
+                                                     load_in_4bit=preset.quantization.load_in_4bit)
+    except OSError as error:
+        raise BudgetReasonerError(f"cannot load model {base!r} with unsloth: {str(error).splitlines()[0]}") from None
+    if adapter is None:
+        return model
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    return with_lora(model, preset, gradient_checkpointing=False, hardware=hardware) if trainable else model
+
+
+def with_lora(model, preset, gradient_checkpointing: bool, hardware):
+    """The model with a trainable LoRA adapter: the one it already carries, else a fresh one from the preset."""
+    if hardware.backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        # An adapter it carries is passed back with its own settings: Unsloth keeps it only when they match.
+        lora = model.peft_config["default"] if hasattr(model, "peft_config") else peft_lora_config(preset)
+        return FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+            target_modules=sorted(lora.target_modules), random_state=preset.seed,
+            # "unsloth" = its checkpointing that offloads activations to host RAM on a GPU
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        )
+    if hasattr(model, "peft_config"):
+        return model
+    from peft import get_peft_model
+
+    torch.manual_seed(preset.seed)  # LoRA's random A matrices: the same run starts from the same adapter
+    return get_peft_model(model, peft_lora_config(preset))
 
 
 def peft_lora_config(preset):

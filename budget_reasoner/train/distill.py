@@ -22,13 +22,14 @@ from transformers import Trainer, TrainingArguments
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import finished, is_complete, mark_complete, read_json, read_jsonl, write_jsonl
 from budget_reasoner.kernels import fused_linear_kd_loss
 from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
-from budget_reasoner.train.common import encode_prompt_completion, load_for_training, save_stage, train_with_resume, training_arguments
+from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, save_stage, stage_info,
+                                          train_with_resume, training_arguments, with_lora)
 from budget_reasoner.train.sft import SFT_COLUMNS
 
 CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
@@ -47,7 +48,7 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     cache_dir = Path(cache_dir)
     if is_complete(cache_dir):
         return read_json(cache_dir / "COMPLETE.json")
-    hardware = hardware or detect(preset.device)
+    hardware = hardware or hardware_for(preset)
     rows = read_jsonl(sft_file, SFT_COLUMNS)
     started = time.time()
     teacher = load_model(teacher_path, preset, hardware, quantize=False).eval()
@@ -135,12 +136,11 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
             report_to: str = "none") -> dict:
     """Continue the student (a stage folder with an adapter) on the teacher's cached top-k distribution."""
     from datasets import Dataset
-    from peft import get_peft_model
 
     out = Path(out)
     if (record := finished(out, "distill")) is not None:
         return record
-    hardware = hardware or detect(preset.device)
+    hardware = hardware or hardware_for(preset)
     info = read_json(Path(cache_dir) / "COMPLETE.json")
     rows = read_jsonl(Path(cache_dir) / "cache.jsonl", CACHE_COLUMNS)
     model, base = load_for_training(student_stage, preset, hardware, trainable=True)
@@ -150,10 +150,7 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
             f"{cache_dir}: cached with tokenizer {info['tokenizer_hash']} of {info['teacher']}, but the student's is "
             f"{tokenizer_hash(tokenizer)}; logit-level KD needs a shared vocabulary (use sequence-level data only)"
         )
-    if not hasattr(model, "peft_config"):
-        from budget_reasoner.train.common import peft_lora_config
-
-        model = get_peft_model(model, peft_lora_config(preset))
+    model = with_lora(model, preset, preset.distill.gradient_checkpointing, hardware)
     settings = preset.distill
     args = training_arguments(TrainingArguments, settings, preset, hardware, out, report_to, remove_unused_columns=False)
     trainer = KDTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -162,4 +159,4 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
     say(f"distill: {len(rows)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
         f"{describe_precision(preset, hardware)}")
     return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
-                      {"stage": "distill", "examples": len(rows)})
+                      stage_info("distill", preset, hardware, examples=len(rows)))

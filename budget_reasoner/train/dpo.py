@@ -13,11 +13,11 @@ from pathlib import Path
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import finished, read_jsonl
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import load_for_training, save_stage, train_with_resume, training_arguments
+from budget_reasoner.train.common import load_for_training, save_stage, stage_info, train_with_resume, training_arguments
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -53,9 +53,9 @@ def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: 
     out = Path(out)
     if (record := finished(out, "dpo")) is not None:
         return record
-    hardware = hardware or detect(preset.device)
+    hardware = hardware or hardware_for(preset)
     trainer, tokenizer, base, num_pairs = build_dpo_trainer(pairs_file, sft_stage, out, preset, hardware, report_to)
     say(f"dpo: {num_pairs} pairs, beta {preset.dpo.beta}, NLL weight {preset.dpo.sft_weight}, reference = the sft adapter; "
         f"{describe_precision(preset, hardware)}")
     return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
-                      {"stage": "dpo", "pairs": num_pairs})
+                      stage_info("dpo", preset, hardware, pairs=num_pairs))

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from budget_reasoner.config import Preset
-from budget_reasoner.hardware import Hardware, detect
+from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import finished, read_jsonl
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import load_for_training, peft_lora_config, save_stage, train_with_resume, training_arguments
+from budget_reasoner.train.common import (load_for_training, save_stage, stage_info, train_with_resume, training_arguments,
+                                          with_lora)
 
 SFT_COLUMNS = ("prompt", "completion")
 
@@ -45,17 +46,17 @@ def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware
     out = Path(out)
     if (record := finished(out, "sft")) is not None:
         return record
-    hardware = hardware or detect(preset.device)
+    hardware = hardware or hardware_for(preset)
     rows = read_jsonl(sft_file, SFT_COLUMNS)
     dataset = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
     model, base = load_for_training(student, preset, hardware)
+    model = with_lora(model, preset, preset.sft.gradient_checkpointing, hardware)
     tokenizer = load_tokenizer(base)
     say(f"sft: {len(rows)} chains; {describe_precision(preset, hardware)}; "
         f"{'fused chunked' if preset.sft.fused_loss else 'standard'} cross-entropy")
     args = training_arguments(SFTConfig, preset.sft, preset, hardware, out, report_to,
                               max_length=preset.model.max_length, completion_only_loss=True)
     trainer_class = fused_sft_trainer_class() if preset.sft.fused_loss else SFTTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_lora_config(preset))
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
-                      {"stage": "sft", "examples": len(rows), "precision": describe_precision(preset, hardware)})
+                      stage_info("sft", preset, hardware, examples=len(rows)))
