@@ -48,6 +48,27 @@ def test_every_gpu_preset_fits_its_card_with_10_percent_headroom(name):
     assert fits, {stage: round(e.total / GIB, 2) for stage, e in estimates.items()}
 
 
+@pytest.mark.parametrize("name", [name for name in available_presets() if load_preset(name).vram_gb > 0])
+def test_each_gpu_preset_states_its_longest_sequence_truly(name):
+    """The header of each GPU preset states its longest sequence; the estimator must still agree (within 5%)."""
+    import copy
+    import re
+
+    from budget_reasoner.config import resolve_preset_path
+    from budget_reasoner.memory import longest_sequence
+
+    preset = load_preset(name)
+    header = resolve_preset_path(name).read_text()
+    at_batch, sft_at_one = map(int, re.search(r"# Longest sequence on this card .*?: (\d+) tokens .*\n# (\d+) for sft", header).groups())
+    shape = read_model_shape(preset.model.student)
+    assert min(longest_sequence(shape, preset, preset.vram_gb, stage) for stage in ("sft", "dpo", "distill")) == \
+        pytest.approx(at_batch, rel=0.05)
+    one = copy.deepcopy(preset)
+    one.sft.batch_size = 1
+    assert longest_sequence(shape, one, preset.vram_gb, "sft") == pytest.approx(sft_at_one, rel=0.05)
+    assert at_batch >= preset.model.max_length
+
+
 def test_a_local_config_is_read_and_a_bad_id_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                                       "num_attention_heads": 4, "vocab_size": 100}))
