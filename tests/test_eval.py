@@ -4,10 +4,11 @@ import csv
 import json
 
 import pytest
+import torch
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
-from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, pass_at_k
+from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, pass_at_k, tokens_curve
 from budget_reasoner.verify import check, extract
 from tests.conftest import SHARED_DATA
 
@@ -28,6 +29,7 @@ def test_majority_vote_and_best_of_n():
     assert best_of_n(["a", "b", "c"], [-2.0, -0.5, -1.0]) == "b"
     curve = accuracy_curve([["1", "2", "2"], ["7", "7", "3"]], ["2", "7"], lambda vote, ref: vote == ref, [1, 3])
     assert curve == {1: 0.5, 3: 1.0}
+    assert tokens_curve([[3, 5, 7], [10, 0, 2]], [1, 3]) == {1: 6.5, 3: 13.5}  # (3+10)/2, (15+12)/2
 
 
 @pytest.mark.parametrize("name, file, rows, first_answer", [
@@ -109,9 +111,32 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
     out, preset, _ = tiny_run
     model, tokenizer = load_for_inference(out / "models" / "teacher", preset, detect("cpu"))
     texts = prompt_texts(tokenizer, [chat_prompt(q) for q in ("3+4", "(12+7)*3-5", "9*2", "17-3+8*2")])
-    one = [g[0].text for g in generate_texts(model, tokenizer, texts, 12, batch_size=1)]
-    batched = [g[0].text for g in generate_texts(model, tokenizer, texts, 12, batch_size=8)]
-    assert one == batched
+    one = [g[0] for g in generate_texts(model, tokenizer, texts, 12, batch_size=1)]
+    batched = [g[0] for g in generate_texts(model, tokenizer, texts, 12, batch_size=8)]
+    assert [g.text for g in one] == [g.text for g in batched]
+
+
+def test_generated_token_counts_match_unbatched_generate(tiny_run):
+    """A count is the new tokens up to and including EOS: padding after an early stop is not counted."""
+    from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+    from budget_reasoner.models import build_tiny_model, load_tokenizer
+
+    out, preset, _ = tiny_run
+    tokenizer = load_tokenizer(out / "models" / "teacher")
+    model = build_tiny_model(tokenizer, preset.model.tiny_teacher, 256, seed=1).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: varied greedy text that ends at different lengths (toy models repeat one token)
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5)
+    texts = prompt_texts(tokenizer, [chat_prompt(q) for q in ("3+4", "(12+7)*3-5", "9*2", "17-3+8*2")])
+    expected = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        new = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        expected.append(len(new))
+    assert min(expected) < 12 and min(expected) < max(expected)  # early stops beside longer rows
+    batched = [g[0].tokens for g in generate_texts(model, tokenizer, texts, 12, batch_size=8)]
+    assert batched == expected
 
 
 def test_budget_forcing_caps_the_thinking(tiny_run):
@@ -121,8 +146,9 @@ def test_budget_forcing_caps_the_thinking(tiny_run):
 
     out, preset, _ = tiny_run
     model, tokenizer = load_for_inference(out / "models" / "teacher", preset, detect("cpu"))
-    outputs = generate_with_budget(model, tokenizer, [chat_prompt("3+4"), chat_prompt("(2+5)*3")], think_budget=6,
-                                   batch_size=4, min_think_tokens=4, max_waits=2, answer_tokens=4)
+    outputs, tokens = generate_with_budget(model, tokenizer, [chat_prompt("3+4"), chat_prompt("(2+5)*3")], think_budget=6,
+                                           batch_size=4, min_think_tokens=4, max_waits=2, answer_tokens=4)
+    assert all(0 < count <= 6 + 4 for count in tokens)  # at most the thinking budget plus the answer's tokens
     for text in outputs:
         thought, _, _ = text.partition(THINK_CLOSE)
         assert text.count(THINK_CLOSE) == 1
@@ -142,7 +168,13 @@ def test_eval_reports_test_time_compute_metrics(tiny_run, tmp_path):
     assert summary[f"pass@{k}"] >= summary["pass@1"]
     rows = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert summary["pass@1"] == pytest.approx(sum(sum(r["samples_correct"]) for r in rows) / (len(rows) * k))
-    assert (tmp_path / "ev" / "accuracy_vs_samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "ev" / "test_time_compute.png").read_bytes()[:4] == b"\x89PNG"
+    # the accuracy-vs-tokens curve: its last point is maj@k, at the tokens all k samples cost
+    last = summary["compute_curve"][-1]
+    assert last["samples"] == k and last["accuracy"] == summary[f"maj@{k}"]
+    assert last["tokens_per_problem"] == pytest.approx(sum(sum(r["sample_tokens"]) for r in rows) / len(rows))
+    assert summary["tokens_per_problem"] == pytest.approx(sum(r["tokens"] for r in rows) / len(rows))
+    assert all(0 < count <= preset.eval.max_new_tokens for r in rows for count in [r["tokens"], *r["sample_tokens"]])
     assert "| maj@" in (tmp_path / "ev" / "summary.md").read_text() or f"maj@{k}" in (tmp_path / "ev" / "summary.md").read_text()
 
 

@@ -25,7 +25,7 @@ def chat_prompt(question: str, instruction: str = "") -> list[dict]:
 class Generated:
     text: str
     mean_logprob: float  # average log-prob of the generated tokens under the sampling distribution
-    tokens: int
+    tokens: int  # generated tokens, the stop token included
 
 
 @torch.no_grad()
@@ -59,9 +59,11 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
                 )
                 new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
                 logprobs = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
-                generated = new_tokens != tokenizer.pad_token_id
-                counts = generated.sum(1).clamp_min(1)
-                means = (torch.where(generated, logprobs, 0.0).sum(1) / counts).tolist()
+                # generated = up to and including the first stop token (padding follows it; the pad id may equal EOS)
+                is_stop = torch.isin(new_tokens, torch.tensor(stops, device=device))
+                counts = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, new_tokens.shape[1])
+                generated = torch.arange(new_tokens.shape[1], device=device) < counts[:, None]
+                means = (torch.where(generated, logprobs, 0.0).sum(1) / counts.clamp_min(1)).tolist()
                 decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for offset, index in enumerate(chunk):
                     rows = range(offset * num_samples, (offset + 1) * num_samples)
@@ -88,8 +90,9 @@ def generate_completions(model, tokenizer, prompts: list[list[dict]], max_new_to
 
 def generate_with_budget(model, tokenizer, prompts: list[list[dict]], think_budget: int, batch_size: int,
                          min_think_tokens: int = 0, max_waits: int = 0, answer_tokens: int = 32,
-                         description: str = "budget forcing") -> list[str]:
-    """Greedy completions whose thinking is forced into [min_think_tokens, think_budget] tokens (s1).
+                         description: str = "budget forcing") -> tuple[list[str], list[int]]:
+    """Greedy completions whose thinking is forced into [min_think_tokens, think_budget] tokens (s1), and the
+    tokens each generated (thinking and answer; the "Wait"s and the forced close are ours, not counted).
 
     Thinking stops at `think_budget` tokens (then "</think>" is appended and the model answers); a model
     that closes its thought before `min_think_tokens` gets "Wait" instead, at most `max_waits` times.
@@ -120,4 +123,5 @@ def generate_with_budget(model, tokenizer, prompts: list[list[dict]], think_budg
         active = still_thinking
     answers = generate_texts(model, tokenizer, [b + t.rstrip("\n") + f"\n{THINK_CLOSE}\n" for b, t in zip(bases, thoughts)],
                              answer_tokens, batch_size, description="answers")
-    return [t.rstrip("\n") + f"\n{THINK_CLOSE}\n" + a.text for t, (a,) in zip(thoughts, answers)]
+    texts = [t.rstrip("\n") + f"\n{THINK_CLOSE}\n" + a.text for t, (a,) in zip(thoughts, answers)]
+    return texts, [thinking + answer.tokens for thinking, (answer,) in zip(used, answers)]

@@ -38,3 +38,8 @@ def accuracy_curve(per_problem: Sequence[Sequence[str | None]], references: Sequ
     """maj@k accuracy for each k in `budgets`, voting over each problem's first k samples."""
     return {k: mean([is_correct(majority_vote(samples[:k]), ref) for samples, ref in zip(per_problem, references)])
             for k in budgets}
+
+
+def tokens_curve(per_problem_tokens: Sequence[Sequence[int]], budgets: Sequence[int]) -> dict[int, float]:
+    """Generated tokens per problem for each k in `budgets`: the mean over problems of its first k samples' tokens."""
+    return {k: mean([sum(tokens[:k]) for tokens in per_problem_tokens]) for k in budgets}

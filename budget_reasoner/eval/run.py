@@ -1,7 +1,7 @@
 """The eval stage: greedy accuracy (pass@1) and majority vote over k samples (maj@k) on held-out problems.
 
-Writes `results.jsonl` (one row per problem: the greedy completion, the k samples, verdicts) and
-`summary.json`. Works on a plain model folder or hub id, or on any stage folder (base + adapter).
+Writes `results.jsonl` (one row per problem: the greedy completion, the k samples, verdicts and token
+counts), `summary.json` and, with samples, `test_time_compute.png` (accuracy against samples and tokens). Works on a plain model folder or hub id, or on any stage folder (base + adapter).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.eval.generation import chat_prompt, generate_texts, generate_with_budget, prompt_texts
-from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, mean, pass_at_k
+from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, mean, pass_at_k, tokens_curve
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import finished, mark_complete, read_jsonl, write_json, write_jsonl
@@ -57,40 +57,43 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     texts = prompt_texts(tokenizer, prompts)
     started = time.time()
     if settings.think_budget > 0:
-        first = generate_with_budget(model, tokenizer, prompts, settings.think_budget, settings.batch_size,
-                                     settings.min_think_tokens, settings.max_waits, description=f"{label} budget forcing")
+        first, first_tokens = generate_with_budget(model, tokenizer, prompts, settings.think_budget, settings.batch_size,
+                                                   settings.min_think_tokens, settings.max_waits,
+                                                   description=f"{label} budget forcing")
     else:
-        first = [g[0].text for g in generate_texts(model, tokenizer, texts, settings.max_new_tokens,
-                                                   settings.batch_size, description=f"{label} greedy")]
+        greedy = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
+                                description=f"{label} greedy")
+        first, first_tokens = [g[0].text for g in greedy], [g[0].tokens for g in greedy]
     k = settings.maj_k
     sampled = [[] for _ in problems]
     if k > 1:
         sampled = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
                                  temperature=settings.temperature, num_samples=k, seed=preset.seed, description=f"{label} {k} samples")
     rows, reference_errors = [], 0
-    for problem, completion, samples in zip(problems, first, sampled):
+    for problem, completion, tokens, samples in zip(problems, first, first_tokens, sampled):
         verdict = grade(domain, completion, problem["answer"])
         reference_errors += verdict.error is not None
         answers = [extract(domain, s.text) for s in samples]
         vote = majority_vote(answers)
         row = {"id": problem["id"], "question": problem["question"], "answer": problem["answer"],
-               "completion": completion, "correct": verdict.correct, "error": verdict.error}
+               "completion": completion, "tokens": tokens, "correct": verdict.correct, "error": verdict.error}
         if samples:
             best = best_of_n([s.text for s in samples], [s.mean_logprob for s in samples])
-            row |= {"samples": [s.text for s in samples],
+            row |= {"samples": [s.text for s in samples], "sample_tokens": [s.tokens for s in samples],
                     "samples_correct": [check(domain, s.text, problem["answer"]) for s in samples],
                     "sample_answers": answers, "majority_answer": vote,
                     "majority_correct": vote_is_correct(domain, vote, problem["answer"]),
                     "best_of_n_correct": check(domain, best, problem["answer"])}
         rows.append(row)
     summary = {"model": str(model_or_stage), "problems": len(rows), "accuracy": mean([r["correct"] for r in rows]),
-               "reference_errors": reference_errors}
+               "reference_errors": reference_errors, "tokens_per_problem": mean([r["tokens"] for r in rows])}
     if k > 1:
         summary |= {
             "pass@1": mean([pass_at_k(k, sum(r["samples_correct"]), 1) for r in rows]),
             f"pass@{k}": mean([pass_at_k(k, sum(r["samples_correct"]), k) for r in rows]),
             f"maj@{k}": mean([r["majority_correct"] for r in rows]),
             f"best_of_{k}": mean([r["best_of_n_correct"] for r in rows]),
+            "compute_curve": compute_curve(rows, domain),
         }
     if settings.think_budget > 0:
         summary["think_budget"] = settings.think_budget
@@ -99,7 +102,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(summary_table(summary))
     if k > 1:
-        plot_samples_curve(rows, domain, out / "accuracy_vs_samples.png")
+        plot_compute_curve(summary, out / "test_time_compute.png")
     mark_complete(out, summary)
     del model
     if hardware.device == "cuda":
@@ -107,30 +110,48 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     return summary
 
 
+COUNTS = ("tokens_per_problem", "reference_errors", "think_budget")  # summary numbers that are not fractions
+
+
 def summary_table(summary: dict) -> str:
     metrics = [key for key in summary if key not in ("model", "problems", "seconds") and isinstance(summary[key], (int, float))]
     header = "| model | problems | " + " | ".join(metrics) + " |"
-    values = " | ".join(f"{summary[m]:.1%}" if isinstance(summary[m], float) else str(summary[m]) for m in metrics)
+    values = " | ".join(f"{summary[m]:,.0f}" if m in COUNTS else f"{summary[m]:.1%}" if isinstance(summary[m], float)
+                        else str(summary[m]) for m in metrics)
     return f"{header}\n|---|---|{'---|' * len(metrics)}\n| {summary['model']} | {summary['problems']} | {values} |\n"
 
 
-def plot_samples_curve(rows: list[dict], domain: str, path: Path) -> None:
-    """Accuracy against the number of samples voted over (maj@k for k = 1, 2, 4, ...): the test-time compute trade."""
+def compute_curve(rows: list[dict], domain: str) -> list[dict]:
+    """maj@k and the tokens generated per problem for k = 1, 2, 4, ..., k: the test-time compute trade."""
+    k = len(rows[0]["sample_answers"])
+    budgets = sorted({1, *[2**i for i in range(1, k.bit_length()) if 2**i <= k], k})
+    accuracy = accuracy_curve([r["sample_answers"] for r in rows], [r["answer"] for r in rows],
+                              lambda vote, reference: vote_is_correct(domain, vote, reference), budgets)
+    tokens = tokens_curve([r["sample_tokens"] for r in rows], budgets)
+    return [{"samples": n, "accuracy": accuracy[n], "tokens_per_problem": tokens[n]} for n in budgets]
+
+
+def plot_compute_curve(summary: dict, path: Path) -> None:
+    """Accuracy against samples voted over, and against the tokens that buys (greedy marked as a reference)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = len(rows[0]["sample_answers"])
-    budgets = sorted({1, *[2**i for i in range(1, k.bit_length()) if 2**i <= k], k})
-    curve = accuracy_curve([r["sample_answers"] for r in rows], [r["answer"] for r in rows],
-                           lambda vote, reference: vote_is_correct(domain, vote, reference), budgets)
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(list(curve), list(curve.values()), marker="o")
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("samples per problem (majority vote)")
-    axis.set_ylabel("accuracy")
-    axis.set_ylim(0, 1)
+    curve = summary["compute_curve"]
+    accuracy = [point["accuracy"] for point in curve]
+    figure, (by_samples, by_tokens) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    by_samples.plot([point["samples"] for point in curve], accuracy, marker="o")
+    by_samples.set_xscale("log", base=2)
+    by_samples.set_xlabel("samples per problem (majority vote)")
+    by_samples.set_ylabel("accuracy")
+    by_samples.set_ylim(0, 1)
+    by_tokens.plot([point["tokens_per_problem"] for point in curve], accuracy, marker="o", label="maj@k, sampled")
+    greedy = "budget-forced" if "think_budget" in summary else "greedy"
+    by_tokens.scatter([summary["tokens_per_problem"]], [summary["accuracy"]], marker="*", s=120, color="C1", label=greedy)
+    by_tokens.set_xscale("log", base=2)
+    by_tokens.set_xlabel("generated tokens per problem")
+    by_tokens.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
