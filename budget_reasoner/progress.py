@@ -31,12 +31,14 @@ def say(message: str) -> None:
 
 def quiet_libraries() -> None:
     """Keep the libraries' own bars and deprecation chatter out of the way of ours."""
+    import logging
     import warnings
 
     import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its "Retrying in 8s" lines before our one-line error
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
