@@ -43,8 +43,8 @@ def detect(requested: str = "auto", backend: str = "auto") -> Hardware:
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if backend == "unsloth" and not has_unsloth:
         raise BudgetReasonerError(
-            "model.backend: unsloth, but unsloth is not installed; pip install 'budget-reasoner[gpu]' "
-            "(on a CPU: pip install --no-deps unsloth unsloth_zoo), or --set model.backend=auto"
+            "model.backend: unsloth, but unsloth is not installed; pip install -e '.[unsloth]' && pip install "
+            "--no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 (README: Backends), or --set model.backend=auto"
         )
     if backend == "unsloth" or (backend == "auto" and use_cuda and has_unsloth):
         chosen = "unsloth"
