@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from budget_reasoner.kernels import fused_linear_cross_entropy, fused_linear_kd_loss
+from budget_reasoner.kernels import fused_linear_cross_entropy, fused_linear_kd_loss, linear_topk_logprobs
 
 
 def make_inputs(tokens, hidden, vocab, k, dtype, seed=0, ignore_every=3):
@@ -124,3 +124,16 @@ def test_unknown_backend_is_refused():
     h, w, labels, _, _ = make_inputs(4, 4, 5, k=2, dtype=torch.float32)
     with pytest.raises(ValueError, match="backend"):
         fused_linear_cross_entropy(h, w, labels, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("tokens, chunk_tokens", [(37, 5), (8, 64), (0, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_topk_logprobs_match_the_full_log_softmax(tokens, chunk_tokens, dtype):
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, 16, generator=generator).to(dtype)
+    w = (torch.randn(301, 16, generator=generator) * 0.5).to(dtype)
+    values, ids = linear_topk_logprobs(h, w, k=6, chunk_tokens=chunk_tokens)
+    expected = (h @ w.t()).float().log_softmax(-1).topk(6, dim=-1)
+    assert values.shape == (tokens, 6) and values.dtype == torch.float32
+    assert torch.equal(ids, expected.indices)
+    torch.testing.assert_close(values, expected.values, atol=1e-5, rtol=1e-5)

@@ -1,10 +1,14 @@
-"""The notebooks in notebooks/ must keep working as the CLI and presets change: every `!budget-reasoner`
-line parses against the real CLI (commands, option names, required options), names real presets and
-preset keys, every pip extra exists, and every `budget_reasoner` import resolves."""
+"""The notebooks in notebooks/ must keep working as the CLI and presets change. The CPU notebook is
+executed, cell by cell in IPython, on cpu-tiny at toy size; the Colab T4 one needs a GPU and the hub, so
+every `!budget-reasoner` line of every notebook is also parsed against the real CLI (commands, option
+names, required options) with its presets and preset keys loaded, its pip extras checked against
+pyproject.toml, and its `budget_reasoner` imports resolved."""
 
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -43,8 +47,13 @@ def test_there_are_notebooks_for_the_gpu_and_the_cpu():
 def test_every_cli_line_parses_and_names_real_presets(path):
     commands = [line[1:] for line in code_lines(path) if line.startswith("!budget-reasoner ")]
     assert commands
+    parameters = {}  # a papermill-style parameters cell gives {PRESET}, {SET}...; other names become /tmp paths
+    for cell in json.loads(path.read_text())["cells"]:
+        if "parameters" in cell["metadata"].get("tags", []):
+            exec("".join(cell["source"]), parameters)
     for line in commands:
-        args = shlex.split(re.sub(r"\{(\w+)\}", r"/tmp/\1", line))[1:]  # {RUN} -> /tmp/RUN
+        expanded = re.sub(r"\{(\w+)\}", lambda match: str(parameters.get(match[1], f"/tmp/{match[1]}")), line)
+        args = shlex.split(expanded)[1:]
         try:
             name, params = parse_cli(args)
         except Exception as error:  # click's UsageError: unknown command or option, missing required option
@@ -63,3 +72,44 @@ def test_pip_extras_and_imports_exist(path):
     imports = [line for line in lines if line.startswith("from budget_reasoner")]
     for line in imports:
         exec(line, {})  # an ImportError names the line
+
+
+def test_the_cpu_notebook_runs_on_cpu_tiny(tiny_run, tmp_path, monkeypatch):
+    """Executed as Colab would (IPython expands `!` lines and {VARS}); its parameters cell is overridden with the
+    toy settings and a copy of the toy run, so `quickstart` resumes a finished run and the other cells (a new
+    distillation, its eval, vram, the Python API) run for real. Any failing shell command fails the test."""
+    pytest.importorskip("IPython")  # a dev dependency; CI has it
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from tests.conftest import TINY
+
+    out, _, _ = tiny_run
+    shutil.copytree(out, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    shell = InteractiveShell.instance()
+    commands = []
+
+    def system(command):  # IPython's own `!` ignores failures; a notebook cell that fails must fail here
+        command = shell.var_expand(command, depth=1)  # {RUN} and friends, from the notebook's namespace
+        commands.append(command)
+        finished = subprocess.run(command, shell=True, capture_output=True, text=True)
+        assert finished.returncode == 0, f"{command}\n{finished.stdout[-2000:]}{finished.stderr[-2000:]}"
+
+    monkeypatch.setattr(shell, "system", system)
+    notebook = json.loads((ROOT / "notebooks" / "cpu_offline.ipynb").read_text())
+    toy = " ".join(f"--set {key}={value}" for key, value in TINY.items())
+    for cell in notebook["cells"]:
+        tags = cell["metadata"].get("tags", [])
+        if cell["cell_type"] != "code" or "install" in tags:
+            continue
+        source = "".join(cell["source"])
+        if "parameters" in tags:
+            source += f"\nRUN = {str(tmp_path / 'run')!r}\nSET = {toy!r}\n"
+        result = shell.run_cell(source)
+        assert result.success, f"{source}\n{result.error_in_exec or result.error_before_exec}"
+    assert any("quickstart" in command and str(tmp_path / "run") in command for command in commands)
+    summary = json.loads((tmp_path / "run" / "eval-alpha09" / "summary.json").read_text())
+    assert summary["problems"] == TINY["generate.num_eval_problems"]
+    assert json.loads((tmp_path / "run" / "distill-alpha09" / "stage.json").read_text())["stage"] == "distill"
+    assert (tmp_path / "run" / "eval-maj8" / "test_time_compute.png").is_file()
+    InteractiveShell.clear_instance()

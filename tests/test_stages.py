@@ -105,7 +105,7 @@ def test_teacher_cache_holds_the_teachers_top_k(tiny_run):
     from budget_reasoner.models import load_model
 
     out, preset, _ = tiny_run
-    row = json.loads((out / "distill" / "cache" / "cache.jsonl").read_text().splitlines()[0])
+    row = json.loads((out / "distill" / "cache" / "shard-00000.jsonl").read_text().splitlines()[0])
     assert len(row["topk_ids"]) == len(row["input_ids"]) and len(row["topk_ids"][0]) == preset.distill.top_k
     teacher = load_model(out / "models" / "teacher", preset, detect("cpu"))
     with torch.no_grad():
@@ -113,6 +113,30 @@ def test_teacher_cache_holds_the_teachers_top_k(tiny_run):
     expected = log_probs.topk(preset.distill.top_k, dim=-1)
     assert row["topk_ids"] == expected.indices.tolist()
     torch.testing.assert_close(torch.tensor(row["topk_logprobs"]), expected.values, atol=1e-4, rtol=0)
+
+
+def test_teacher_cache_is_sharded_and_resumes(tiny_run, tmp_path):
+    from budget_reasoner.io import read_shards
+    from budget_reasoner.train.distill import cache_teacher_topk
+
+    out, preset, _ = tiny_run
+    preset = copy.deepcopy(preset)
+    preset.generate.shard_size = 10
+    sft_file, teacher = out / "data" / "sft" / "train.jsonl", out / "models" / "teacher"
+    info = cache_teacher_topk(teacher, sft_file, tmp_path / "cache", preset, detect("cpu"))
+    shards = sorted((tmp_path / "cache").glob("shard-*.jsonl"))
+    examples = len((sft_file).read_text().splitlines())
+    assert len(shards) == -(-examples // 10) >= 2 and info["examples"] == examples
+    rows = read_shards(tmp_path / "cache")
+    # the same rows as the cache the quickstart wrote (an independent earlier run)
+    assert rows == read_shards(out / "distill" / "cache")
+    # an interrupted run: the last shard and the completion marker are missing; a rerun writes only that shard
+    kept = {path: path.stat().st_mtime_ns for path in shards[:-1]}
+    shards[-1].unlink()
+    (tmp_path / "cache" / "COMPLETE.json").unlink()
+    cache_teacher_topk(teacher, sft_file, tmp_path / "cache", preset, detect("cpu"))
+    assert {path: path.stat().st_mtime_ns for path in shards[:-1]} == kept
+    assert read_shards(tmp_path / "cache") == rows
 
 
 def test_interrupted_sft_resumes_from_its_checkpoint(tiny_run, tmp_path, monkeypatch, capfd):

@@ -197,3 +197,20 @@ def fused_linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: t
     """Distillation loss against a teacher's cached top-k log-probs (tokens x k), blended with CE on `labels`."""
     return _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
                         normalizer, backend, chunk_tokens)
+
+
+@torch.no_grad()
+def linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int,
+                         chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log-probs of softmax(hidden @ weight.T) per row (tokens x k, fp32) and their token ids,
+    a chunk of rows at a time: what the distillation cache keeps, without the tokens x vocab logits."""
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    values, indices = [], []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = (hidden[start : start + chunk_tokens] @ weight.t()).float()
+        top = logits.topk(k, dim=-1)
+        values.append(top.values - logits.logsumexp(-1, keepdim=True))
+        indices.append(top.indices)
+    if not values:
+        return hidden.new_zeros((0, k), dtype=torch.float32), torch.zeros((0, k), dtype=torch.long, device=hidden.device)
+    return torch.cat(values), torch.cat(indices)

@@ -20,7 +20,8 @@ def _unwrap(model):
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The decoder's output before the LM head (LoRA layers inside the decoder apply as usual)."""
-    return _unwrap(model).model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # no KV cache: nothing decodes after this forward, and the cache would hold two tensors a layer per token
+    return _unwrap(model).model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The distill stage: the student learns the teacher's distribution, not only its sampled chains.
 
 1. `cache_teacher_topk`: one teacher forward over each sequence-level example (the verified chains),
-   keeping the top-k log-probs at every completion position. The cache is what makes 70B -> 7B KD
+   keeping the top-k log-probs at every position (training reads the completion ones), in shards. The cache is what makes 70B -> 7B KD
    affordable: the teacher runs once (on any machine), the student trains against a few floats a token.
 2. `distill`: continues the student's adapter with `fused_linear_kd_loss` (forward KL on the teacher's
    top-k, blended with cross-entropy on the chain), computed in chunks from the final hidden states
@@ -23,13 +23,14 @@ from transformers import Trainer, TrainingArguments
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, is_complete, mark_complete, read_json, read_jsonl, write_jsonl
-from budget_reasoner.kernels import fused_linear_kd_loss
+from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
+                                write_jsonl)
+from budget_reasoner.kernels import fused_linear_kd_loss, linear_topk_logprobs
 from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
-from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, save_stage, stage_info,
-                                          train_with_resume, training_arguments, with_lora)
+from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, pad_batch, save_stage,
+                                          stage_info, train_with_resume, training_arguments, with_lora)
 from budget_reasoner.train.sft import SFT_COLUMNS
 
 CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
@@ -44,42 +45,43 @@ def tokenizer_hash(tokenizer) -> str:
 @torch.no_grad()
 def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path, preset: Preset,
                        hardware: Hardware | None = None) -> dict:
-    """Run the teacher once over every example of `sft_file`; save top-k log-probs of each completion position."""
+    """Run the teacher once over every example of `sft_file`; save the top-k log-probs at each position.
+
+    The teacher loads as the preset loads models (4-bit on the GPU presets, so a 7B teacher fits a T4) and
+    its LM head runs a chunk of positions at a time, so no tokens x vocab logits exist. Rows go to disk a
+    shard (`generate.shard_size` examples) at a time; a rerun skips finished shards.
+    """
     cache_dir = Path(cache_dir)
     if is_complete(cache_dir):
         return read_json(cache_dir / "COMPLETE.json")
     hardware = hardware or hardware_for(preset)
     rows = read_jsonl(sft_file, SFT_COLUMNS)
     started = time.time()
-    teacher = load_model(teacher_path, preset, hardware, quantize=False).eval()
+    teacher = load_model(teacher_path, preset, hardware).eval()
     tokenizer = load_tokenizer(teacher_path)
-    top_k = preset.distill.top_k
-    batch_size = max(1, preset.generate.batch_size // 4)
-    shard_rows = []
+    weight, device = lm_head_weight(teacher), next(teacher.parameters()).device
+    top_k, shard_size = preset.distill.top_k, preset.generate.shard_size
+    batch_size = max(1, preset.generate.batch_size // 4)  # full sequences of the forward pass, no sampling
     with progress_bar() as bar:
         task = bar.add_task("cache teacher top-k", total=len(rows))
-        for start in range(0, len(rows), batch_size):
-            encoded = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
-                       for row in rows[start : start + batch_size]]
-            length = max(len(ids) for ids, _ in encoded)
-            input_ids = torch.full((len(encoded), length), tokenizer.pad_token_id)
-            attention = torch.zeros((len(encoded), length), dtype=torch.long)
-            for i, (ids, _) in enumerate(encoded):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                attention[i, : len(ids)] = 1
-            device = next(teacher.parameters()).device
-            logits = teacher(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-            top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
-            for i, (ids, mask) in enumerate(encoded):
-                # position t predicts token t + 1: keep positions whose next token is in the completion
-                shard_rows.append({
-                    "input_ids": ids, "completion_mask": mask,
-                    "topk_ids": top.indices[i, : len(ids)].tolist(),
-                    "topk_logprobs": [[round(v, 5) for v in row] for row in top.values[i, : len(ids)].tolist()],
-                })
-            bar.advance(task, len(encoded))
-    write_jsonl(cache_dir / "cache.jsonl", shard_rows)
-    info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(shard_rows),
+        for index, shard_start in enumerate(range(0, len(rows), shard_size)):
+            shard = rows[shard_start : shard_start + shard_size]
+            if shard_path(cache_dir, index).is_file():
+                bar.advance(task, len(shard))
+                continue
+            cached = []
+            for start in range(0, len(shard), batch_size):
+                encoded = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
+                           for row in shard[start : start + batch_size]]
+                input_ids, attention_mask, _ = pad_batch(encoded, tokenizer.pad_token_id)
+                hidden = final_hidden_states(teacher, input_ids.to(device), attention_mask.to(device))
+                for i, (ids, mask) in enumerate(encoded):
+                    logprobs, token_ids = linear_topk_logprobs(hidden[i, : len(ids)], weight, top_k)
+                    cached.append({"input_ids": ids, "completion_mask": mask, "topk_ids": token_ids.tolist(),
+                                   "topk_logprobs": [[round(v, 5) for v in row] for row in logprobs.tolist()]})
+                bar.advance(task, len(encoded))
+            write_jsonl(shard_path(cache_dir, index), cached)
+    info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(rows),
             "seconds": time.time() - started}
     mark_complete(cache_dir, info)
     return info
@@ -142,7 +144,7 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
         return record
     hardware = hardware or hardware_for(preset)
     info = read_json(Path(cache_dir) / "COMPLETE.json")
-    rows = read_jsonl(Path(cache_dir) / "cache.jsonl", CACHE_COLUMNS)
+    rows = read_shards(cache_dir, CACHE_COLUMNS)
     model, base = load_for_training(student_stage, preset, hardware, trainable=True)
     tokenizer = load_tokenizer(base)
     if tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
