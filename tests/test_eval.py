@@ -139,6 +139,34 @@ def test_generated_token_counts_match_unbatched_generate(tiny_run):
     assert batched == expected
 
 
+@pytest.mark.parametrize("temperature, samples", [(0.0, 1), (0.7, 2)])
+def test_token_logprobs_match_transformers_transition_scores(tiny_run, temperature, samples):
+    """Our one-float-per-token recorder against transformers' own compute_transition_scores over the stored
+    scores of the same (seeded, identically batched) generation."""
+    from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+    from budget_reasoner.eval.run import load_for_inference
+    from budget_reasoner.hardware import detect
+
+    out, preset, _ = tiny_run
+    model, tokenizer = load_for_inference(out / "sft", preset, detect("cpu"))
+    texts = sorted(prompt_texts(tokenizer, [chat_prompt(q) for q in ("3+4*2", "(12+7)*3-5")]), key=len)
+    ours = generate_texts(model, tokenizer, texts, 16, batch_size=8, temperature=temperature, num_samples=samples, seed=3)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {"do_sample": False}
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(3)  # the same draws as ours: one batch of both prompts, shortest first
+    output = model.generate(**batch, max_new_tokens=16, num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=[tokenizer.eos_token_id], output_scores=True, return_dict_in_generate=True, **sampling)
+    scores = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+    rows = [sample for per_prompt in ours for sample in per_prompt]
+    assert len(rows) == output.sequences.shape[0]
+    for row, sample in enumerate(rows):
+        new_tokens = output.sequences[row, batch["input_ids"].shape[1]:]
+        assert sample.text == tokenizer.decode(new_tokens, skip_special_tokens=True)
+        assert sample.mean_logprob == pytest.approx(scores[row, : sample.tokens].mean().item(), abs=1e-5)
+    assert len({round(sample.mean_logprob, 6) for sample in rows}) > 1  # not one constant
+
+
 def test_budget_forcing_caps_the_thinking(tiny_run):
     from budget_reasoner.eval.generation import THINK_CLOSE, chat_prompt, generate_with_budget
     from budget_reasoner.eval.run import load_for_inference

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from budget_reasoner.progress import progress_bar
 
@@ -19,6 +20,34 @@ THINK_CLOSE = "</think>"
 def chat_prompt(question: str, instruction: str = "") -> list[dict]:
     content = f"{question}\n{instruction}".strip() if instruction else question
     return [{"role": "user", "content": content}]
+
+
+class ChosenTokenLogprobs(LogitsProcessor):
+    """A logits processor that keeps the log-prob of each generated token under the sampling distribution.
+
+    `output_scores=True` would keep every step's tokens x vocab scores until generation ends (64 sequences x
+    1,024 steps x a 152k vocabulary is 40 GB); this keeps one float per token. At step t it holds the
+    log-softmax of step t's scores; at step t+1 `input_ids` ends with the token drawn from them. Custom
+    processors run before transformers' temperature warper, so the temperature is applied here.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature if temperature > 0 else 1.0  # greedy: the model's own distribution
+        self.previous: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the generated tokens (sequences x steps), the last step's included."""
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
+            self.previous = None
+        return torch.stack(self.chosen, 1)
 
 
 @dataclass
@@ -52,13 +81,14 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
             for start in range(0, len(order), prompts_per_batch):
                 chunk = order[start : start + prompts_per_batch]
                 batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                output = model.generate(
+                recorder = ChosenTokenLogprobs(temperature)
+                sequences = model.generate(
                     **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
-                    output_scores=True, return_dict_in_generate=True, **sampling,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, logits_processor=LogitsProcessorList([recorder]),
+                    **sampling,
                 )
-                new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
-                logprobs = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+                new_tokens = sequences[:, batch["input_ids"].shape[1] :]
+                logprobs = recorder.finish(sequences)
                 # generated = up to and including the first stop token (padding follows it; the pad id may equal EOS)
                 is_stop = torch.isin(new_tokens, torch.tensor(stops, device=device))
                 counts = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, new_tokens.shape[1])
