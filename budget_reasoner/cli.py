@@ -231,26 +231,26 @@ def presets_recommend():
 @app.command()
 @friendly_errors
 def vram(
-    model: Optional[str] = typer.Option(None, help="Hub id or local folder with config.json (default: the preset's student)."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder with config.json (default: the preset's "
+                                                   "student, or its teacher for generate and cache)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
-    stage: str = typer.Option("sft", help="sft, dpo or distill."),
+    stage: str = typer.Option("sft", help="sft, dpo, distill (training), generate, cache (the teacher) or eval."),
     vram_gb: Optional[float] = typer.Option(None, help="Card memory in GiB (default: the preset's)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
-    from budget_reasoner.memory import estimate_training_memory, longest_sequence, read_model_shape
+    from budget_reasoner.memory import TRAINING_STAGES, estimate_stage, longest_sequence, read_model_shape
 
     settings = _preset(preset, set_)
-    if stage not in ("sft", "dpo", "distill"):
-        raise BudgetReasonerError(f"--stage must be sft, dpo or distill, got {stage!r}")
-    shape = read_model_shape(model or settings.model.student)
-    estimate = estimate_training_memory(shape, settings, stage)
-    typer.echo(f"{model or settings.model.student} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, "
-               f"stage {stage}, {settings.model.max_length} tokens x batch {getattr(settings, stage).batch_size}")
+    model, estimate = estimate_stage(settings, stage, model)
+    shape = read_model_shape(model)
+    section = settings.generate if stage == "cache" else getattr(settings, stage)
+    typer.echo(f"{model} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, stage {stage}, "
+               f"{settings.model.max_length} tokens x batch {section.batch_size // (4 if stage == 'cache' else 1) or 1}")
     card = vram_gb or settings.vram_gb or None
     typer.echo(estimate.table(card))
-    if card:
-        typer.echo(f"longest {stage} sequence at batch {getattr(settings, stage).batch_size} on this card: "
+    if card and stage in TRAINING_STAGES:
+        typer.echo(f"longest {stage} sequence at batch {section.batch_size} on this card: "
                    f"~{longest_sequence(shape, settings, card, stage):,} tokens")
 
 

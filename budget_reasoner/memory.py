@@ -14,7 +14,9 @@ The parts, per stage (sft, dpo, distill), in bytes:
   or one chunk of fp32 logits with the fused loss (DPO in TRL always uses its chunked LM head);
 - on CUDA, 5% for the caching allocator's fragmentation and a fixed allowance for the CUDA context and
   cuBLAS workspaces (on the CPU, measured with steady malloc settings, neither is needed).
-DPO runs chosen and rejected together (twice the sequences). `budget-reasoner vram` prints the table.
+DPO runs chosen and rejected together (twice the sequences). The teacher's work is estimated too: sampling
+chains (weights, every sequence's KV cache at its longest, one layer of prefill, the next-token scores) and
+distill's top-k cache (one no-grad forward, one chunk of logits). `budget-reasoner vram` prints the table.
 """
 
 from __future__ import annotations
@@ -132,14 +134,8 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill}[stage]
     compute = 4 if device == "cpu" else DTYPE_BYTES[preset.quantization.compute_dtype]
     tokens = settings.batch_size * preset.model.max_length * (2 if stage == "dpo" else 1)
-    estimate = MemoryEstimate()
+    estimate = _with_weights(shape, preset, compute)
     parts = estimate.parts
-    if preset.quantization.load_in_4bit:
-        parts["base weights (NF4)"] = shape.linear_parameters * (4.127 / 8)
-        parts["embeddings / LM head"] = shape.embedding_parameters * compute
-        parts["dequantized layer (transient)"] = max(a * b for a, b in shape.linear_shapes().values()) * compute
-    else:
-        parts["base weights"] = shape.parameters * compute
     lora = lora_parameters(shape, preset)
     optimizer_bytes = 2 if "8bit" in settings.optimizer else 8
     parts["LoRA weights + grads + optimizer"] = lora * (4 + 4 + optimizer_bytes)
@@ -156,17 +152,76 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
         parts["logits (fused, one chunk)"] = min(tokens, chunk_tokens_for(shape.vocab)) * shape.vocab * 4
     else:
         parts["logits + loss"] = tokens * shape.vocab * (compute + 4 + 4 + (4 if compute == 2 else 0))
-    if device == "cuda":
-        allocated = sum(parts.values())
-        parts["allocator slack (5%)"] = allocated * (FRAGMENTATION - 1)
-        parts["CUDA context + workspaces"] = CUDA_CONTEXT_BYTES
+    return _with_cuda_overheads(estimate, device)
+
+
+def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "generate", device: str = "cuda") -> MemoryEstimate:
+    """Peak memory of a model's inference work under `preset`, loaded as the preset loads models (4-bit on GPUs):
+    "generate" (the teacher samples chains) and "eval" (the student answers) decode `batch_size` sequences
+    together, each one's KV cache at its longest; "cache" is distill's one no-grad forward of the teacher for
+    the top-k cache (a quarter of `generate.batch_size` sequences)."""
+    compute = 4 if device == "cpu" else DTYPE_BYTES[preset.quantization.compute_dtype]
+    estimate = _with_weights(shape, preset, compute)
+    parts = estimate.parts
+    layer_transient = 4 * shape.hidden + 3 * shape.intermediate  # one layer's values per token, freed as it goes
+    if task in ("generate", "eval"):
+        settings = preset.generate if task == "generate" else preset.eval
+        sequences = settings.batch_size
+        prompt = max(256, preset.model.max_length - settings.max_new_tokens)  # what the training length leaves it
+        parts["KV cache"] = sequences * (prompt + settings.max_new_tokens) * shape.layers * 2 * shape.kv_dim * compute
+        parts["prefill (one layer)"] = sequences * prompt * layer_transient * compute
+        parts["next-token scores"] = sequences * shape.vocab * 4 * 3  # fp32 logits, log-softmax, sampling probabilities
+    elif task == "cache":
+        tokens = max(1, preset.generate.batch_size // 4) * preset.model.max_length
+        parts["forward (one layer, no grad)"] = tokens * layer_transient * compute
+        parts["final hidden states"] = tokens * shape.hidden * compute
+        parts["top-k logits (one chunk)"] = chunk_tokens_for(shape.vocab) * shape.vocab * 4 * 2
+    else:
+        raise BudgetReasonerError(f"inference task must be generate, cache or eval, got {task!r}")
+    return _with_cuda_overheads(estimate, device)
+
+
+def _with_weights(shape: ModelShape, preset: Preset, compute: int) -> MemoryEstimate:
+    estimate = MemoryEstimate()
+    parts = estimate.parts
+    if preset.quantization.load_in_4bit:
+        parts["base weights (NF4)"] = shape.linear_parameters * (4.127 / 8)
+        parts["embeddings / LM head"] = shape.embedding_parameters * compute
+        parts["dequantized layer (transient)"] = max(a * b for a, b in shape.linear_shapes().values()) * compute
+    else:
+        parts["base weights"] = shape.parameters * compute
     return estimate
 
 
+def _with_cuda_overheads(estimate: MemoryEstimate, device: str) -> MemoryEstimate:
+    if device == "cuda":
+        allocated = sum(estimate.parts.values())
+        estimate.parts["allocator slack (5%)"] = allocated * (FRAGMENTATION - 1)
+        estimate.parts["CUDA context + workspaces"] = CUDA_CONTEXT_BYTES
+    return estimate
+
+
+TRAINING_STAGES = ("sft", "dpo", "distill")
+INFERENCE_STAGES = ("generate", "cache", "eval")  # the teacher samples and is cached; the student is evaluated
+
+
+def estimate_stage(preset: Preset, stage: str, model: str | None = None) -> tuple[str, MemoryEstimate]:
+    """(model, estimate) of any stage: training and eval run the student, generate and cache the teacher."""
+    if stage not in TRAINING_STAGES + INFERENCE_STAGES:
+        raise BudgetReasonerError(f"--stage must be one of {', '.join(TRAINING_STAGES + INFERENCE_STAGES)}, got {stage!r}")
+    model = model or (preset.model.teacher if stage in ("generate", "cache") else preset.model.student)
+    if stage in TRAINING_STAGES:
+        return model, estimate_training_memory(read_model_shape(model), preset, stage)
+    return model, estimate_inference_memory(read_model_shape(model), preset, stage)
+
+
 def preset_fits(preset: Preset, vram_gb: float, headroom: float = 0.10) -> tuple[bool, dict[str, MemoryEstimate]]:
-    """Whether every training stage of `preset` fits `vram_gb` with `headroom`, and the estimates."""
-    shape = read_model_shape(preset.model.student)
-    estimates = {stage: estimate_training_memory(shape, preset, stage) for stage in ("sft", "dpo", "distill")}
+    """Whether every stage of `preset` fits `vram_gb` with `headroom`, and the estimates. A server teacher
+    (openai:MODEL) runs elsewhere: its generation and cache are not this card's."""
+    stages = TRAINING_STAGES + INFERENCE_STAGES
+    if preset.model.teacher.startswith("openai:"):
+        stages = tuple(stage for stage in stages if stage not in ("generate", "cache"))
+    estimates = {stage: estimate_stage(preset, stage)[1] for stage in stages}
     return all(e.fits(vram_gb, headroom) for e in estimates.values()), estimates
 
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from budget_reasoner.cli import app
 from budget_reasoner.config import available_presets, load_preset
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.memory import GIB, estimate_training_memory, lora_parameters, preset_fits, read_model_shape
+from budget_reasoner.memory import (GIB, estimate_inference_memory, estimate_training_memory, lora_parameters, preset_fits,
+                                    read_model_shape)
 
 
 @pytest.mark.parametrize("model, billions", [
@@ -45,7 +46,18 @@ def test_the_fused_loss_and_checkpointing_lower_the_estimate():
 def test_every_gpu_preset_fits_its_card_with_10_percent_headroom(name):
     preset = load_preset(name)
     fits, estimates = preset_fits(preset, preset.vram_gb)
+    assert set(estimates) == {"sft", "dpo", "distill", "generate", "cache", "eval"}  # the teacher's work too
     assert fits, {stage: round(e.total / GIB, 2) for stage, e in estimates.items()}
+
+
+def test_kv_cache_by_hand_and_a_server_teacher_costs_this_card_nothing():
+    shape = read_model_shape("Qwen/Qwen2.5-7B-Instruct")  # 28 layers, 4 KV heads x 128
+    preset = load_preset("t4-16gb", {"generate.batch_size": 16, "generate.max_new_tokens": 1024, "model.max_length": 2048})
+    estimate = estimate_inference_memory(shape, preset, "generate")
+    # 16 sequences x (1,024 prompt + 1,024 new tokens) x 28 layers x (K and V) x 512 values x 2 bytes (fp16)
+    assert estimate.parts["KV cache"] == 16 * 2048 * 28 * 2 * 512 * 2
+    preset.model.teacher = "openai:Qwen/Qwen2.5-72B-Instruct"
+    assert set(preset_fits(preset, preset.vram_gb)[1]) == {"sft", "dpo", "distill", "eval"}
 
 
 @pytest.mark.parametrize("name", [name for name in available_presets() if load_preset(name).vram_gb > 0])
@@ -81,6 +93,8 @@ def test_vram_command_prints_the_breakdown():
     result = CliRunner().invoke(app, ["vram", "--preset", "24gb"])
     assert result.exit_code == 0, result.output
     assert "base weights (NF4)" in result.output and "fits a 24 GiB card" in result.output
+    result = CliRunner().invoke(app, ["vram", "--preset", "t4-16gb", "--stage", "generate"])
+    assert result.exit_code == 0 and "Qwen/Qwen2.5-7B-Instruct" in result.output and "KV cache" in result.output
     result = CliRunner().invoke(app, ["vram", "--preset", "8gb", "--model", "Qwen/Qwen2.5-32B-Instruct"])
     assert "does NOT fit" in result.output
     assert "cpu-tiny" in CliRunner().invoke(app, ["presets", "recommend"]).output
