@@ -111,6 +111,10 @@ def generate(
                                           "(BUDGET_REASONER_TEACHER_URL)."),
     out: Path = typer.Option(Path("runs/data"), help="Output folder: problems/, chains/, sft/, pairs/."),
     domain: str = typer.Option("math", help="The narrow domain."),
+    seed_set: Optional[list[str]] = typer.Option(None, help="Training problems beside the procedural ones: gsm8k (its hub "
+                                                           "train split) or gsm8k=PATH_OR_ID (repeatable)."),
+    decontaminate: Optional[list[str]] = typer.Option(None, help="A benchmark no training problem may overlap (13-gram): "
+                                                                "gsm8k, math500, aime24, amc23, or NAME=PATH_OR_ID (repeatable)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
@@ -120,6 +124,8 @@ def generate(
     from budget_reasoner.recipe import make_teacher
 
     settings = _preset(preset, set_)
+    settings.generate.seed_sets += seed_set or []
+    settings.generate.decontaminate += decontaminate or []
     summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain)
     typer.echo(f"{summary['verified_chains']}/{summary['chains']} chains verified; "
                f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}")

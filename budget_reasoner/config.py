@@ -120,6 +120,11 @@ class GenerateConfig:
     shard_size: int = 200  # problems per shard on disk; an interrupted run resumes at the last shard
     seed: int = 0
     instruction: str = ""  # appended to each question; real models want "Please reason step by step..."
+    # problems beside the procedural ones: a benchmark's training split, "gsm8k" (hub) or "gsm8k=PATH_OR_ID"
+    seed_sets: list[str] = field(default_factory=list)
+    num_seed_problems: int = 0  # a seeded sample of that many seed problems; 0 takes them all
+    # sets no training problem may overlap (13-gram), in the same form; the held-out split always is one
+    decontaminate: list[str] = field(default_factory=list)
 
 
 @dataclass

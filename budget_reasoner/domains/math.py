@@ -1,4 +1,5 @@
-"""The math domain: procedural multi-step arithmetic problems with exact answers, and seed sets.
+"""The math domain: procedural multi-step arithmetic problems with exact answers. (Seed sets such as GSM8K's
+training split come in through `generate.seed_sets`, read by eval/benchmarks.py.)
 
 A problem composes 2-3 operations, written in ordinary notation with the fewest parentheses:
 `(12+7-5)*3`. Its worked chain does one operation per line, so each line is a single-step skill:
@@ -17,13 +18,11 @@ model does badly; writing the chain reduces it to steps it knows. That gap is wh
 from __future__ import annotations
 
 import hashlib
-import json
 import operator
 import random
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 from budget_reasoner.errors import BudgetReasonerError
 
@@ -172,27 +171,3 @@ def rejected_prefix(completion: str) -> str:
     """
     index = first_wrong_step(completion)
     return completion if index is None else "\n".join(completion.split("\n")[: index + 1])
-
-
-def load_gsm8k(path_or_id: str, split: str = "train") -> list[dict]:
-    """GSM8K rows as problems (`id, domain, question, answer, source`), from a JSONL file or a hub id."""
-    rows = []
-    path = Path(path_or_id)
-    if path.exists():
-        with path.open() as handle:
-            for line_number, line in enumerate(handle, 1):
-                try:
-                    record = json.loads(line)
-                    rows.append((record["question"], record["answer"]))
-                except (json.JSONDecodeError, KeyError) as error:
-                    raise BudgetReasonerError(f"{path}: line {line_number}: not a GSM8K row ({error})") from None
-    else:  # a hub id such as "openai/gsm8k"; needs network access
-        import datasets
-
-        for record in datasets.load_dataset(path_or_id, "main", split=split):
-            rows.append((record["question"], record["answer"]))
-    return [
-        {"id": problem_id(question), "domain": DOMAIN, "question": question,
-         "answer": solution.split("####")[-1].strip().replace(",", ""), "source": f"gsm8k:{path_or_id}"}
-        for question, solution in rows
-    ]

@@ -30,11 +30,13 @@ class Benchmark:
     required: tuple[str, ...]
     hub: tuple[str, str | None, str]  # (dataset id, config, split)
     solution: Callable[[dict], str | None] = lambda record: record.get("solution")
+    train_split: str | None = None  # the hub split a seed set (training problems) comes from, where there is one
 
 
 BENCHMARKS = {
     "gsm8k": Benchmark("question", lambda r: r["answer"].split("####")[-1].strip().replace(",", ""),
-                       ("question", "answer"), ("openai/gsm8k", "main", "test"), solution=lambda r: r["answer"]),
+                       ("question", "answer"), ("openai/gsm8k", "main", "test"), solution=lambda r: r["answer"],
+                       train_split="train"),
     "math500": Benchmark("problem", lambda r: str(r["answer"]).strip(), ("problem", "answer"),
                          ("HuggingFaceH4/MATH-500", None, "test")),
     "aime24": Benchmark("problem", lambda r: _number_text(r["answer"]), ("problem", "answer"),
@@ -43,8 +45,11 @@ BENCHMARKS = {
 }
 
 
-def load_benchmark(name: str, path_or_id: str | Path | None = None) -> list[dict]:
-    """Problems of a named benchmark, from `path_or_id` (a local JSONL file or a hub id; default: the hub copy)."""
+def load_benchmark(name: str, path_or_id: str | Path | None = None, train: bool = False) -> list[dict]:
+    """Problems of a named benchmark, from `path_or_id` (a local JSONL file or a hub id; default: the hub copy).
+
+    `train=True` reads the set's training split from the hub (seed problems for generate); a local file is
+    read as it is."""
     if name not in BENCHMARKS:
         raise BudgetReasonerError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
     spec = BENCHMARKS[name]
@@ -54,9 +59,11 @@ def load_benchmark(name: str, path_or_id: str | Path | None = None) -> list[dict
     else:
         import datasets  # a hub id; needs network access
 
+        if train and spec.train_split is None:
+            raise BudgetReasonerError(f"{name} has no training split to seed problems from; pass a local file as {name}=PATH")
         hub_id = source
         config = spec.hub[1] if hub_id == spec.hub[0] else None
-        records = list(datasets.load_dataset(hub_id, config, split=spec.hub[2]))
+        records = list(datasets.load_dataset(hub_id, config, split=spec.train_split if train else spec.hub[2]))
     rows = []
     for record in records:
         question = record[spec.question_field]
@@ -96,3 +103,12 @@ def load_multiple_choice(path: str | Path, seed: int = 0) -> list[dict]:
             rows.append({"id": f"choice-{index}", "domain": "choice", "question": question,
                          "answer": LETTERS[order.index(0)], "source": f"choice:{path}"})
     return rows
+
+
+def parse_problem_source(spec: str) -> tuple[str, str | None]:
+    """`NAME` or `NAME=PATH_OR_HUB_ID` (a preset's generate.seed_sets / generate.decontaminate entry)."""
+    name, _, where = spec.partition("=")
+    if name.strip() not in BENCHMARKS:
+        raise BudgetReasonerError(f"problem set {spec!r}: unknown name {name.strip()!r}; use one of {', '.join(BENCHMARKS)}, "
+                                  f"optionally as NAME=PATH_OR_HUB_ID")
+    return name.strip(), where.strip() or None

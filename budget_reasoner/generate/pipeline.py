@@ -11,13 +11,16 @@ most the shard in flight.
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 from budget_reasoner.config import Preset
 from budget_reasoner.domains import get_domain
 from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.eval.generation import chat_prompt
+from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.io import finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path, write_json, write_jsonl
 from budget_reasoner.progress import say
 from budget_reasoner.verify import check
@@ -31,11 +34,16 @@ MAX_PAIRS_PER_PROBLEM = 2
 def problem_settings(preset: Preset, domain: str) -> dict:
     gen = preset.generate
     return {"domain": domain, "num_train": gen.num_train_problems, "num_eval": gen.num_eval_problems,
-            "min_steps": gen.min_steps, "max_steps": gen.max_steps, "seed": gen.seed}
+            "min_steps": gen.min_steps, "max_steps": gen.max_steps, "seed": gen.seed,
+            "seed_sets": list(gen.seed_sets), "num_seed_problems": gen.num_seed_problems,
+            "decontaminate": list(gen.decontaminate)}
 
 
 def write_problems(folder: Path, preset: Preset, domain: str = "math") -> tuple[list[dict], list[dict]]:
-    """Draw (or reread) the train and held-out problems. A folder drawn with other settings is an error, not a mix."""
+    """Draw (or reread) the train and held-out problems. A folder drawn with other settings is an error, not a mix.
+
+    Train = the domain's procedural problems + the seed sets' training problems, without repeats and without
+    any that overlap the held-out split or a `generate.decontaminate` set (13-gram, see decontaminate.py)."""
     folder = Path(folder)
     settings = problem_settings(preset, domain)
     if is_complete(folder):
@@ -48,11 +56,23 @@ def write_problems(folder: Path, preset: Preset, domain: str = "math") -> tuple[
     module = get_domain(domain)
     gen = preset.generate
     train, held_out = module.make_splits(gen.num_train_problems, gen.num_eval_problems, gen.seed, gen.min_steps, gen.max_steps)
-    train_rows = [p.to_row("procedural") for p in train]
     held_rows = [p.to_row("procedural-held-out") for p in held_out]
+    seeds = [{key: row[key] for key in PROBLEM_COLUMNS}
+             for spec in gen.seed_sets for row in load_benchmark(*parse_problem_source(spec), train=True)]
+    if 0 < gen.num_seed_problems < len(seeds):
+        seeds = random.Random(gen.seed).sample(seeds, gen.num_seed_problems)
+    train_rows, duplicates = deduplicate([p.to_row("procedural") for p in train] + seeds)
+    references = {"held-out": [row["question"] for row in held_rows]}
+    for spec in gen.decontaminate:
+        references[spec] = [row["question"] for row in load_benchmark(*parse_problem_source(spec))]
+    train_rows, removed = decontaminate(train_rows, references)
     write_jsonl(folder / "train.jsonl", train_rows)
     write_jsonl(folder / "held_out.jsonl", held_rows)
-    mark_complete(folder, {"settings": settings})
+    mark_complete(folder, {"settings": settings, "train": len(train_rows), "duplicates_dropped": duplicates,
+                           "contaminated_dropped": removed})
+    if duplicates or any(removed.values()):
+        say(f"problems: {len(train_rows)} for training; dropped {duplicates} repeats and "
+            f"{', '.join(f'{count} overlapping {name}' for name, count in removed.items())}")
     return train_rows, held_rows
 
 
@@ -88,9 +108,11 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
     pair_rows = build_pairs(chains, gen.instruction, getattr(get_domain(domain), "rejected_prefix", None))
     write_jsonl(out / "sft" / "train.jsonl", sft_rows)
     write_jsonl(out / "pairs" / "train.jsonl", pair_rows)
+    drawn = read_json(out / "problems" / "COMPLETE.json")
     summary = {
         "teacher": teacher.name,
         "problems": len(problems),
+        "problems_dropped": {"repeats": drawn.get("duplicates_dropped", 0), **drawn.get("contaminated_dropped", {})},
         "chains": len(chains),
         "verified_chains": sum(row["correct"] for row in chains),
         "teacher_pass_rate": sum(row["correct"] for row in chains) / max(1, len(chains)),
