@@ -128,7 +128,8 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
             "device": record.get("device", hardware.describe()), "tokens": record.get("tokens"),
             "peak_memory_gb": record["peak_memory_bytes"] / 2**30 if record.get("peak_memory_bytes") else None,
         }
-    results["seconds"] = _total_seconds(out, results)
+    results["compute"] = compute_per_stage(out, results, gpu_hour_price)
+    results["seconds"] = sum(row["seconds"] for row in results["compute"])
     if gpu_hour_price is not None:
         for stage in results["stages"].values():
             if "train_seconds" in stage:
@@ -152,10 +153,30 @@ def _losses(history: list[dict]) -> list[dict]:
     return [{"step": entry["step"], "loss": entry["loss"]} for entry in history if "loss" in entry]
 
 
-def _total_seconds(out: Path, results: dict) -> float:
-    """Compute spent across every session of this run: bootstrap, generation, training, evaluation."""
-    total = results.get("bootstrap", {}).get("seconds", 0.0) + results["generate"].get("seconds", 0.0)
-    total += sum(stage.get("train_seconds", 0.0) for stage in results["stages"].values())
-    total += sum(read_json(path)["seconds"] for path in (out / "eval").glob("*/summary.json"))
-    total += sum(read_json(path).get("seconds", 0.0) for path in [out / "distill" / "cache" / "COMPLETE.json"] if path.exists())
-    return total
+def compute_per_stage(out: Path, results: dict, gpu_hour_price: float | None = None) -> list[dict]:
+    """What every stage of the run spent, across all its sessions' records: wall seconds, tokens processed
+    (generated, or trained on), peak memory and device; priced when `gpu_hour_price` is given."""
+    def row(stage: str, record: dict, seconds_key: str = "seconds") -> dict:
+        peak = record.get("peak_memory_bytes")
+        return {"stage": stage, "seconds": record.get(seconds_key) or 0.0, "tokens": record.get("tokens"),
+                "peak_memory_gb": peak / 2**30 if peak else None, "device": record.get("device")}
+
+    rows = [row("bootstrap", results["bootstrap"])] if "bootstrap" in results else []
+    rows.append(row("generate", results["generate"]))
+    cache = out / "distill" / "cache" / "COMPLETE.json"
+    for name in ("sft", "dpo", "distill"):
+        if name == "distill" and cache.exists():
+            rows.append(row("teacher top-k cache", read_json(cache)))
+        if name in results["stages"]:
+            rows.append(row(name, results["stages"][name], "train_seconds")
+                        | {"peak_memory_gb": results["stages"][name].get("peak_memory_gb")})
+    evals = [read_json(path) for path in sorted((out / "eval").glob("*/summary.json"))]
+    if evals:
+        rows.append({"stage": f"eval ({len(evals)} models)", "seconds": sum(e["seconds"] for e in evals),
+                     "tokens": sum(e.get("tokens") or 0 for e in evals) or None,
+                     "peak_memory_gb": max((e.get("peak_memory_bytes") or 0) for e in evals) / 2**30 or None,
+                     "device": evals[-1].get("device")})
+    if gpu_hour_price is not None:
+        for entry in rows:
+            entry["cost_usd"] = entry["seconds"] / 3600 * gpu_hour_price
+    return rows

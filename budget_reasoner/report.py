@@ -43,6 +43,14 @@ def markdown(results: dict) -> str:
         memory = f"{summary['peak_memory_gb']:.2f} GiB" if summary.get("peak_memory_gb") else "-"
         cost = f"${summary['cost_usd']:.4f}" if "cost_usd" in summary else "-"
         lines.append(f"| {name} | {summary['accuracy']:.1%} | {vote} | {train} | {tokens} | {memory} | {cost} |")
+    if results.get("compute"):
+        lines += ["", "Compute per stage (this run's records, resumed sessions included):", "",
+                  "| stage | wall time | tokens | peak memory | device | cost |", "|---|---|---|---|---|---|"]
+        for entry in results["compute"]:
+            tokens = f"{entry['tokens']:,}" if entry.get("tokens") else "-"
+            memory = f"{entry['peak_memory_gb']:.2f} GiB" if entry.get("peak_memory_gb") else "-"
+            cost = f"${entry['cost_usd']:.4f}" if "cost_usd" in entry else "-"
+            lines.append(f"| {entry['stage']} | {entry['seconds']:.0f} s | {tokens} | {memory} | {entry.get('device') or '-'} | {cost} |")
     generated = results.get("generate", {})
     if generated:
         lines += ["", f"Generation: {generated.get('chains', 0)} teacher chains for {generated.get('problems', 0)} problems, "

@@ -49,7 +49,7 @@ def test_generate_writes_the_data_contract(tmp_path, tiny_preset):
     chains = read_shards(tmp_path / "data" / "chains")
     k = tiny_preset.generate.samples_per_problem
     assert len(chains) == tiny_preset.generate.num_train_problems * k == summary["chains"]
-    assert set(chains[0]) == {"id", "question", "answer", "completion", "correct", "teacher", "sample_index"}
+    assert set(chains[0]) == {"id", "question", "answer", "completion", "correct", "teacher", "sample_index", "tokens"}
     # the scripted teacher is right on even samples only, and the verifier must see exactly that
     assert all(row["correct"] == (row["sample_index"] % 2 == 0) for row in chains)
     problems = read_jsonl(tmp_path / "data" / "problems" / "train.jsonl")
@@ -100,3 +100,30 @@ def test_malformed_rows_name_file_and_line(tmp_path):
         read_jsonl(path, ["prompt", "completion"])
     with pytest.raises(BudgetReasonerError, match=r"sft.jsonl: line 2: not valid JSON"):
         read_jsonl(path)
+
+
+def test_a_local_teachers_chains_carry_their_tokens_and_the_stage_its_cost(tiny_run, tmp_path):
+    from budget_reasoner.config import load_preset
+    from budget_reasoner.eval.generation import Generated
+    from budget_reasoner.hardware import detect
+    from budget_reasoner.recipe import make_teacher
+    from tests.conftest import TINY
+
+    out, _, _ = tiny_run
+    preset = load_preset("cpu-tiny", {**TINY, "generate.num_train_problems": 4, "generate.num_eval_problems": 2,
+                                      "generate.samples_per_problem": 2, "generate.max_new_tokens": 8})
+    local = make_teacher(str(out / "models" / "teacher"), preset, detect("cpu"))
+
+    class FirstSampleScripted:  # the toy teacher's real samples and counts; its first answer made right, so pairs exist
+        name, device = local.name, local.device
+
+        def sample(self, prompts, *args, **kwargs):
+            right = ScriptedTeacher().sample(prompts, 1, 0, 0, 0)
+            return [[Generated(right[i][0] if k == 0 else g.text, g.mean_logprob, g.tokens) for k, g in enumerate(row)]
+                    for i, row in enumerate(local.sample(prompts, *args, **kwargs))]
+
+    summary = generate(tmp_path / "data", preset, FirstSampleScripted())
+    chains = read_shards(tmp_path / "data" / "chains")
+    assert len(chains) == 8 and all(0 < row["tokens"] <= 8 for row in chains)
+    assert summary["tokens"] == sum(row["tokens"] for row in chains)
+    assert summary["device"] == "cpu" and summary["peak_memory_bytes"] > 0

@@ -9,7 +9,7 @@ import torch
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import load_for_inference
 from budget_reasoner.hardware import detect
-from budget_reasoner.io import is_complete, read_json
+from budget_reasoner.io import is_complete, read_json, read_shards
 from budget_reasoner.train.common import encode_prompt_completion
 
 
@@ -199,3 +199,14 @@ def test_report_accounts_for_cost(tiny_run):
         assert stage["cost_usd"] == pytest.approx(stage["train_seconds"] / 3600 * 2.0)
     assert results["cost_usd"] == pytest.approx(results["seconds"] / 3600 * 2.0)
     assert "$" in (out / "report.md").read_text()
+    # every stage, not only training: generation, the teacher cache and the evals carry seconds, tokens and memory
+    compute = {row["stage"]: row for row in results["compute"]}
+    assert list(compute)[:2] == ["bootstrap", "generate"] and "teacher top-k cache" in compute
+    assert compute["teacher top-k cache"]["tokens"] == sum(
+        len(row["input_ids"]) for row in read_shards(out / "distill" / "cache"))
+    evals = [read_json(path) for path in (out / "eval").glob("*/summary.json")]
+    assert compute[f"eval ({len(evals)} models)"]["tokens"] == sum(e["tokens"] for e in evals) > 0
+    assert all(e["peak_memory_bytes"] > 0 for e in evals)
+    assert results["seconds"] == pytest.approx(sum(row["seconds"] for row in compute.values()))
+    assert sum(row["cost_usd"] for row in compute.values()) == pytest.approx(results["cost_usd"])
+    assert "| teacher top-k cache |" in (out / "report.md").read_text()

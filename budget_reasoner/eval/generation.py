@@ -109,15 +109,6 @@ def prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
 
 
-def generate_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                         temperature: float = 0.0, num_samples: int = 1, seed: int = 0,
-                         description: str = "generate") -> list[list[str]]:
-    """`num_samples` completions per chat prompt, as decoded text."""
-    generated = generate_texts(model, tokenizer, prompt_texts(tokenizer, prompts), max_new_tokens, batch_size,
-                               temperature, num_samples, seed, description=description)
-    return [[g.text for g in samples] for samples in generated]
-
-
 def generate_with_budget(model, tokenizer, prompts: list[list[dict]], think_budget: int, batch_size: int,
                          min_think_tokens: int = 0, max_waits: int = 0, answer_tokens: int = 32,
                          description: str = "budget forcing") -> tuple[list[str], list[int]]:

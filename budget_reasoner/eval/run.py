@@ -15,7 +15,7 @@ from budget_reasoner.config import Preset
 from budget_reasoner.eval.generation import chat_prompt, generate_texts, generate_with_budget, prompt_texts
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, mean, pass_at_k, tokens_curve
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
-from budget_reasoner.hardware import Hardware, hardware_for
+from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import finished, mark_complete, read_jsonl, write_json, write_jsonl
 from budget_reasoner.models import load_model, load_tokenizer
 from budget_reasoner.train.common import stage_model_paths
@@ -51,24 +51,13 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     hardware = hardware or hardware_for(preset)
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS)
     model, tokenizer = load_for_inference(model_or_stage, preset, hardware)
-    settings = preset.eval
+    k = preset.eval.maj_k
     label = f"eval {name or ''}".strip()
     prompts = [chat_prompt(p["question"], preset.generate.instruction) for p in problems]
     texts = prompt_texts(tokenizer, prompts)
     started = time.time()
-    if settings.think_budget > 0:
-        first, first_tokens = generate_with_budget(model, tokenizer, prompts, settings.think_budget, settings.batch_size,
-                                                   settings.min_think_tokens, settings.max_waits,
-                                                   description=f"{label} budget forcing")
-    else:
-        greedy = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
-                                description=f"{label} greedy")
-        first, first_tokens = [g[0].text for g in greedy], [g[0].tokens for g in greedy]
-    k = settings.maj_k
-    sampled = [[] for _ in problems]
-    if k > 1:
-        sampled = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
-                                 temperature=settings.temperature, num_samples=k, seed=preset.seed, description=f"{label} {k} samples")
+    with PeakMemory(hardware.device) as peak:  # the generation; grading after it is CPU work
+        first, first_tokens, sampled = _generate_answers(model, tokenizer, prompts, texts, preset, label)
     rows, reference_errors = [], 0
     for problem, completion, tokens, samples in zip(problems, first, first_tokens, sampled):
         verdict = grade(domain, completion, problem["answer"])
@@ -95,9 +84,10 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
             f"best_of_{k}": mean([r["best_of_n_correct"] for r in rows]),
             "compute_curve": compute_curve(rows, domain),
         }
-    if settings.think_budget > 0:
-        summary["think_budget"] = settings.think_budget
-    summary["seconds"] = time.time() - started
+    if preset.eval.think_budget > 0:
+        summary["think_budget"] = preset.eval.think_budget
+    summary |= {"seconds": time.time() - started, "device": hardware.describe(), "peak_memory_bytes": peak.bytes,
+                "tokens": sum(r["tokens"] + sum(r.get("sample_tokens", [])) for r in rows)}  # generated
     write_jsonl(out / "results.jsonl", rows)
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(summary_table(summary))
@@ -113,8 +103,28 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
 COUNTS = ("tokens_per_problem", "reference_errors", "think_budget")  # summary numbers that are not fractions
 
 
+def _generate_answers(model, tokenizer, prompts, texts, preset: Preset, label: str):
+    """The first answer per problem (greedy, or budget-forced) with its tokens, and `eval.maj_k` samples each."""
+    settings = preset.eval
+    if settings.think_budget > 0:
+        first, first_tokens = generate_with_budget(model, tokenizer, prompts, settings.think_budget, settings.batch_size,
+                                                   settings.min_think_tokens, settings.max_waits,
+                                                   description=f"{label} budget forcing")
+    else:
+        greedy = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
+                                description=f"{label} greedy")
+        first, first_tokens = [g[0].text for g in greedy], [g[0].tokens for g in greedy]
+    sampled = [[] for _ in prompts]
+    if settings.maj_k > 1:
+        sampled = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
+                                 temperature=settings.temperature, num_samples=settings.maj_k, seed=preset.seed,
+                                 description=f"{label} {settings.maj_k} samples")
+    return first, first_tokens, sampled
+
+
 def summary_table(summary: dict) -> str:
-    metrics = [key for key in summary if key not in ("model", "problems", "seconds") and isinstance(summary[key], (int, float))]
+    metrics = [key for key in summary if key not in ("model", "problems", "seconds", "tokens", "peak_memory_bytes")
+               and isinstance(summary[key], (int, float))]
     header = "| model | problems | " + " | ".join(metrics) + " |"
     values = " | ".join(f"{summary[m]:,.0f}" if m in COUNTS else f"{summary[m]:.1%}" if isinstance(summary[m], float)
                         else str(summary[m]) for m in metrics)

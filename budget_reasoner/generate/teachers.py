@@ -1,4 +1,5 @@
-"""Teacher backends: anything that turns chat prompts into k sampled completions.
+"""Teacher backends: anything that turns chat prompts into k sampled completions (text, or `Generated`
+objects that also carry their token counts).
 
 - `TransformersTeacher`: a local model (the offline tiny teacher, or any hub checkpoint that fits).
 - `OpenAITeacher`: any OpenAI-compatible server (vLLM's `vllm serve`, llama.cpp, a hosted 70B endpoint),
@@ -13,16 +14,20 @@ import urllib.error
 import urllib.request
 
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.eval.generation import generate_completions
+from budget_reasoner.eval.generation import Generated, generate_texts, prompt_texts
 
 
 class TransformersTeacher:
+    """A local model. Its samples carry their generated token counts (the chains' `tokens` column)."""
+
     def __init__(self, model, tokenizer, name: str, batch_size: int):
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
+        self.device = next(model.parameters()).device.type  # where the generate stage's peak memory is measured
 
-    def sample(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
-        return generate_completions(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size,
-                                    temperature=temperature, num_samples=num_samples, seed=seed, description="teacher chains")
+    def sample(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int,
+               seed: int) -> list[list[Generated]]:
+        return generate_texts(self.model, self.tokenizer, prompt_texts(self.tokenizer, prompts), max_new_tokens, self.batch_size,
+                              temperature=temperature, num_samples=num_samples, seed=seed, description="teacher chains")
 
 
 class OpenAITeacher:

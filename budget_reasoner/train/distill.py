@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.hardware import Hardware, hardware_for
+from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
                                 write_jsonl)
 from budget_reasoner.kernels import fused_linear_kd_loss, linear_topk_logprobs
@@ -62,7 +62,7 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     weight, device = lm_head_weight(teacher), next(teacher.parameters()).device
     top_k, shard_size = preset.distill.top_k, preset.generate.shard_size
     batch_size = max(1, preset.generate.batch_size // 4)  # full sequences of the forward pass, no sampling
-    with progress_bar() as bar:
+    with progress_bar() as bar, PeakMemory(device.type) as peak:
         task = bar.add_task("cache teacher top-k", total=len(rows))
         for index, shard_start in enumerate(range(0, len(rows), shard_size)):
             shard = rows[shard_start : shard_start + shard_size]
@@ -82,7 +82,8 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
                 bar.advance(task, len(encoded))
             write_jsonl(shard_path(cache_dir, index), cached)
     info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(rows),
-            "seconds": time.time() - started}
+            "seconds": time.time() - started, "tokens": sum(len(row["input_ids"]) for row in read_shards(cache_dir)),
+            "device": hardware.describe(), "peak_memory_bytes": peak.bytes}
     mark_complete(cache_dir, info)
     return info
 
