@@ -86,11 +86,21 @@ def plot(results: dict, path: Path) -> None:
 
 
 def log_to_wandb(results: dict) -> None:
-    """One wandb run with the held-out accuracies of every stage (the trainers log their own curves)."""
+    """One wandb run with the held-out accuracies of every stage, the offline bootstrap's loss curves and the
+    compute table (the trainers log their own curves as runs of their own)."""
     import wandb
 
     run = wandb.init(project="budget-reasoner", name=f"{results['preset']}-report", job_type="report", config={"preset": results["preset"]})
     run.log({f"accuracy/{name}": summary["accuracy"] for name, summary in results["stages"].items()}
             | ({"accuracy/teacher": results["teacher"]["accuracy"]} if results.get("teacher") else {}))
+    bootstrap = {name: record for name, record in results.get("bootstrap", {}).items() if isinstance(record, dict)}
+    if bootstrap:
+        curves = wandb.Table(columns=["model", "step", "loss"],
+                             data=[[name, point["step"], point["loss"]] for name, record in bootstrap.items()
+                                   for point in record.get("loss", [])])
+        run.log({"bootstrap/loss": curves})
+    if results.get("compute"):
+        columns = ["stage", "seconds", "tokens", "peak_memory_gb", "device", "cost_usd"]
+        run.log({"compute": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in results["compute"]])})
     run.summary["seconds"] = results["seconds"]
     run.finish()

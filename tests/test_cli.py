@@ -97,3 +97,24 @@ def test_report_to_wandb_offline_writes_an_offline_run(tiny_run, tmp_path, monke
     sft(out / "data" / "sft" / "train.jsonl", out / "models" / "student-base", tmp_path / "sft", settings, report_to="wandb")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_the_report_run_logs_accuracies_bootstrap_curves_and_compute(tiny_run, tmp_path, monkeypatch):
+    import wandb
+
+    from budget_reasoner import recipe
+    from budget_reasoner.report import log_to_wandb
+
+    wandb.teardown()  # wandb keeps its settings (the run folder) per process: start clean, after the other wandb test
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out, preset, _ = tiny_run
+    results = recipe.quickstart(out, preset)  # complete: only the report is rebuilt
+    log_to_wandb(results)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run / "files" / "media" / "table"
+    curves = json.loads(next((media / "bootstrap").glob("loss_*.table.json")).read_text())
+    assert {row[0] for row in curves["data"]} == {"teacher", "student-base"}
+    compute = json.loads(next(media.glob("compute_*.table.json")).read_text())
+    assert [row[0] for row in compute["data"]] == [row["stage"] for row in results["compute"]]
