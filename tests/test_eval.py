@@ -222,3 +222,31 @@ def test_eval_command_on_a_benchmark_file(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["problems"] == 3 and "maj@2" in summary
+
+
+def test_an_interrupted_eval_resumes_at_its_next_shard(tiny_run, tmp_path, monkeypatch):
+    from budget_reasoner.eval import run
+
+    out, preset, _ = tiny_run
+    problems = out / "data" / "problems" / "held_out.jsonl"
+    assert preset.generate.shard_size < preset.generate.num_eval_problems  # at least two shards
+    whole = run.evaluate(out / "sft", problems, tmp_path / "whole", preset)
+    original, calls = run._generate_answers, []
+
+    def interrupt_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "_generate_answers", interrupt_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate(out / "sft", problems, tmp_path / "resumed", preset)
+    first_shard = tmp_path / "resumed" / "shards" / "shard-00000.jsonl"
+    written = first_shard.stat().st_mtime_ns
+    calls.clear()
+    resumed = run.evaluate(out / "sft", problems, tmp_path / "resumed", preset)
+    assert first_shard.stat().st_mtime_ns == written and len(calls) == 1  # only the missing shard was answered
+    assert (tmp_path / "resumed" / "results.jsonl").read_text() == (tmp_path / "whole" / "results.jsonl").read_text()
+    assert {key: resumed[key] for key in ("accuracy", "pass@1", f"maj@{preset.eval.maj_k}")} == \
+        {key: whole[key] for key in ("accuracy", "pass@1", f"maj@{preset.eval.maj_k}")}

@@ -16,7 +16,7 @@ from budget_reasoner.eval.generation import chat_prompt, generate_texts, generat
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, mean, pass_at_k, tokens_curve
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
-from budget_reasoner.io import finished, mark_complete, read_jsonl, write_json, write_jsonl
+from budget_reasoner.io import finished, mark_complete, read_jsonl, shard_path, write_json, write_jsonl
 from budget_reasoner.models import load_model, load_tokenizer
 from budget_reasoner.train.common import stage_model_paths
 from budget_reasoner.verify import check, extract, grade
@@ -44,38 +44,37 @@ def vote_is_correct(domain: str, vote: str | None, reference: str) -> bool:
 
 def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
              hardware: Hardware | None = None, name: str | None = None) -> dict:
-    """Greedy (or budget-forced) accuracy, and over `eval.maj_k` samples: pass@1, pass@k, maj@k, best-of-k."""
+    """Greedy (or budget-forced) accuracy, and over `eval.maj_k` samples: pass@1, pass@k, maj@k, best-of-k.
+
+    Problems are answered and graded a shard (`generate.shard_size` problems) at a time into `out/shards/`;
+    an interrupted eval reruns only the shards it had not written."""
     out = Path(out)
     if (record := finished(out, "eval", "summary.json")) is not None:
         return record
     hardware = hardware or hardware_for(preset)
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS)
-    model, tokenizer = load_for_inference(model_or_stage, preset, hardware)
-    k = preset.eval.maj_k
+    k, shard_size = preset.eval.maj_k, preset.generate.shard_size
     label = f"eval {name or ''}".strip()
-    prompts = [chat_prompt(p["question"], preset.generate.instruction) for p in problems]
-    texts = prompt_texts(tokenizer, prompts)
-    started = time.time()
-    with PeakMemory(hardware.device) as peak:  # the generation; grading after it is CPU work
-        first, first_tokens, sampled = _generate_answers(model, tokenizer, prompts, texts, preset, label)
-    rows, reference_errors = [], 0
-    for problem, completion, tokens, samples in zip(problems, first, first_tokens, sampled):
-        verdict = grade(domain, completion, problem["answer"])
-        reference_errors += verdict.error is not None
-        answers = [extract(domain, s.text) for s in samples]
-        vote = majority_vote(answers)
-        row = {"id": problem["id"], "question": problem["question"], "answer": problem["answer"],
-               "completion": completion, "tokens": tokens, "correct": verdict.correct, "error": verdict.error}
-        if samples:
-            best = best_of_n([s.text for s in samples], [s.mean_logprob for s in samples])
-            row |= {"samples": [s.text for s in samples], "sample_tokens": [s.tokens for s in samples],
-                    "samples_correct": [check(domain, s.text, problem["answer"]) for s in samples],
-                    "sample_answers": answers, "majority_answer": vote,
-                    "majority_correct": vote_is_correct(domain, vote, problem["answer"]),
-                    "best_of_n_correct": check(domain, best, problem["answer"])}
-        rows.append(row)
+    model = tokenizer = None
+    rows, started = [], time.time()
+    with PeakMemory(hardware.device) as peak:
+        for index, start in enumerate(range(0, len(problems), shard_size)):
+            path = shard_path(out / "shards", index)
+            if path.exists():  # answered before an interruption
+                rows += read_jsonl(path)
+                continue
+            if model is None:  # loaded only when some shard still needs answers
+                model, tokenizer = load_for_inference(model_or_stage, preset, hardware)
+            shard = problems[start : start + shard_size]
+            prompts = [chat_prompt(p["question"], preset.generate.instruction) for p in shard]
+            answers = _generate_answers(model, tokenizer, prompts, prompt_texts(tokenizer, prompts), preset,
+                                        label, seed=preset.seed + index)
+            shard_rows = [result_row(domain, problem, *answer) for problem, *answer in zip(shard, *answers)]
+            write_jsonl(path, shard_rows)
+            rows += shard_rows
     summary = {"model": str(model_or_stage), "problems": len(rows), "accuracy": mean([r["correct"] for r in rows]),
-               "reference_errors": reference_errors, "tokens_per_problem": mean([r["tokens"] for r in rows])}
+               "reference_errors": sum(r["error"] is not None for r in rows),
+               "tokens_per_problem": mean([r["tokens"] for r in rows])}
     if k > 1:
         summary |= {
             "pass@1": mean([pass_at_k(k, sum(r["samples_correct"]), 1) for r in rows]),
@@ -100,10 +99,27 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     return summary
 
 
+def result_row(domain: str, problem: dict, completion: str, tokens: int, samples: list) -> dict:
+    """One problem's graded answers: the first (greedy or budget-forced) and, with samples, vote and best-of-n."""
+    verdict = grade(domain, completion, problem["answer"])
+    row = {"id": problem["id"], "question": problem["question"], "answer": problem["answer"],
+           "completion": completion, "tokens": tokens, "correct": verdict.correct, "error": verdict.error}
+    if samples:
+        answers = [extract(domain, s.text) for s in samples]
+        vote = majority_vote(answers)
+        best = best_of_n([s.text for s in samples], [s.mean_logprob for s in samples])
+        row |= {"samples": [s.text for s in samples], "sample_tokens": [s.tokens for s in samples],
+                "samples_correct": [check(domain, s.text, problem["answer"]) for s in samples],
+                "sample_answers": answers, "majority_answer": vote,
+                "majority_correct": vote_is_correct(domain, vote, problem["answer"]),
+                "best_of_n_correct": check(domain, best, problem["answer"])}
+    return row
+
+
 COUNTS = ("tokens_per_problem", "reference_errors", "think_budget")  # summary numbers that are not fractions
 
 
-def _generate_answers(model, tokenizer, prompts, texts, preset: Preset, label: str):
+def _generate_answers(model, tokenizer, prompts, texts, preset: Preset, label: str, seed: int):
     """The first answer per problem (greedy, or budget-forced) with its tokens, and `eval.maj_k` samples each."""
     settings = preset.eval
     if settings.think_budget > 0:
@@ -117,7 +133,7 @@ def _generate_answers(model, tokenizer, prompts, texts, preset: Preset, label: s
     sampled = [[] for _ in prompts]
     if settings.maj_k > 1:
         sampled = generate_texts(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
-                                 temperature=settings.temperature, num_samples=settings.maj_k, seed=preset.seed,
+                                 temperature=settings.temperature, num_samples=settings.maj_k, seed=seed,
                                  description=f"{label} {settings.maj_k} samples")
     return first, first_tokens, sampled
 
