@@ -116,11 +116,15 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         results["generate"] = generate(out / "data", preset, make_teacher(teacher, preset, hardware), domain)
     else:
         results["generate"] = read_json(out / "data" / "COMPLETE.json")
-    stage_runs = (
+    stage_runs = [
         ("sft", lambda: sft(out / "data" / "sft" / "train.jsonl", student, out / "sft", preset, hardware, report_to)),
         ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / "sft", out / "dpo", preset, hardware, report_to)),
         ("distill", lambda: distill_with_cache(out, teacher, preset, hardware, report_to)),
-    )
+    ]
+    if is_server_teacher(teacher):
+        stage_runs.pop()
+        say("distill: skipped, the teacher is a server: logit-level KD needs its weights here (same tokenizer); "
+            "its chains already taught the student sequence-level through sft")
     for name, run_stage in stage_runs:
         record = run_stage()
         results["stages"][name] = {
