@@ -136,6 +136,9 @@ class EvalConfig:
     think_budget: int = 0  # budget forcing (s1): cap the thinking at this many tokens; 0 = off
     min_think_tokens: int = 0  # ... and replace an earlier </think> with "Wait"
     max_waits: int = 0  # ... at most this many times
+    # benchmarks every stage is also evaluated on in quickstart: "gsm8k" (hub test split) or "gsm8k=PATH_OR_ID"
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_problems: int = 0  # a seeded sample of that many problems per benchmark; 0 takes them all
 
 
 @dataclass

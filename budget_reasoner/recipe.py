@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
-from budget_reasoner.generate.pipeline import write_problems
+from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, write_problems
 from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, is_complete, mark_complete, read_json, write_json
+from budget_reasoner.io import finished, is_complete, mark_complete, read_json, write_json, write_jsonl
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
 from budget_reasoner.train.distill import cache_teacher_topk, distill
@@ -107,7 +109,15 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         results["bootstrap"] = run_bootstrap(out, preset)
     write_problems(out / "data" / "problems", preset, domain)
 
+    benchmarks = {spec: benchmark_problems_file(out, spec, preset) for spec in preset.eval.benchmarks}
+    results["benchmarks"] = {spec: {} for spec in benchmarks}
+
     def held_out_eval(name: str, model: str | Path) -> dict:
+        for spec, problems in benchmarks.items():  # the same model on each benchmark named by the preset
+            summary = evaluate(model, problems, out / "eval" / f"{problems.stem}-{name}", preset, domain, hardware,
+                               name=f"{name} {problems.stem}")
+            results["benchmarks"][spec][name] = {key: summary[key] for key in summary
+                                                 if key in ("accuracy", "problems") or key.startswith("maj@")}
         return evaluate(model, held_out, out / "eval" / name, preset, domain, hardware, name=name)
 
     results["teacher"] = held_out_eval("teacher", teacher) if not is_server_teacher(teacher) else {}
@@ -146,6 +156,18 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     return results
 
 
+def benchmark_problems_file(out: Path, spec: str, preset: Preset) -> Path:
+    """A benchmark's problems as a problems file in the run (a seeded sample of `eval.benchmark_problems`)."""
+    name, where = parse_problem_source(spec)
+    path = out / "data" / "benchmarks" / f"{name}.jsonl"
+    if not path.exists():
+        rows = [{key: row[key] for key in PROBLEM_COLUMNS} for row in load_benchmark(name, where)]
+        if 0 < preset.eval.benchmark_problems < len(rows):
+            rows = random.Random(preset.seed).sample(rows, preset.eval.benchmark_problems)
+        write_jsonl(path, rows)
+    return path
+
+
 def distill_with_cache(out: Path, teacher: str, preset: Preset, hardware: Hardware, report_to: str) -> dict:
     """Cache the teacher's top-k over the verified chains, then distill the dpo student against it."""
     cache = out / "distill" / "cache"
@@ -176,7 +198,7 @@ def compute_per_stage(out: Path, results: dict, gpu_hour_price: float | None = N
                         | {"peak_memory_gb": results["stages"][name].get("peak_memory_gb")})
     evals = [read_json(path) for path in sorted((out / "eval").glob("*/summary.json"))]
     if evals:
-        rows.append({"stage": f"eval ({len(evals)} models)", "seconds": sum(e["seconds"] for e in evals),
+        rows.append({"stage": f"eval ({len(evals)} runs)", "seconds": sum(e["seconds"] for e in evals),
                      "tokens": sum(e.get("tokens") or 0 for e in evals) or None,
                      "peak_memory_gb": max((e.get("peak_memory_bytes") or 0) for e in evals) / 2**30 or None,
                      "device": evals[-1].get("device")})

@@ -43,6 +43,14 @@ def markdown(results: dict) -> str:
         memory = f"{summary['peak_memory_gb']:.2f} GiB" if summary.get("peak_memory_gb") else "-"
         cost = f"${summary['cost_usd']:.4f}" if "cost_usd" in summary else "-"
         lines.append(f"| {name} | {summary['accuracy']:.1%} | {vote} | {train} | {tokens} | {memory} | {cost} |")
+    for spec, by_stage in (results.get("benchmarks") or {}).items():
+        lines += ["", f"Benchmark `{spec}` ({next(iter(by_stage.values()), {}).get('problems', '?')} problems):", "",
+                  "| model | accuracy | majority vote |", "|---|---|---|"]
+        for name in [*STAGE_ORDER, "teacher"]:
+            if name in by_stage:
+                key = _majority_key(by_stage[name])
+                vote = f"{by_stage[name][key]:.1%} ({key})" if key else "-"
+                lines.append(f"| {name} | {by_stage[name]['accuracy']:.1%} | {vote} |")
     if results.get("compute"):
         lines += ["", "Compute per stage (this run's records, resumed sessions included):", "",
                   "| stage | wall time | tokens | peak memory | device | cost |", "|---|---|---|---|---|---|"]
@@ -99,6 +107,8 @@ def log_to_wandb(results: dict) -> None:
                              data=[[name, point["step"], point["loss"]] for name, record in bootstrap.items()
                                    for point in record.get("loss", [])])
         run.log({"bootstrap/loss": curves})
+    for spec, by_stage in (results.get("benchmarks") or {}).items():
+        run.log({f"{spec}/accuracy/{name}": summary["accuracy"] for name, summary in by_stage.items()})
     if results.get("compute"):
         columns = ["stage", "seconds", "tokens", "peak_memory_gb", "device", "cost_usd"]
         run.log({"compute": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in results["compute"]])})

@@ -205,8 +205,35 @@ def test_report_accounts_for_cost(tiny_run):
     assert compute["teacher top-k cache"]["tokens"] == sum(
         len(row["input_ids"]) for row in read_shards(out / "distill" / "cache"))
     evals = [read_json(path) for path in (out / "eval").glob("*/summary.json")]
-    assert compute[f"eval ({len(evals)} models)"]["tokens"] == sum(e["tokens"] for e in evals) > 0
+    assert compute[f"eval ({len(evals)} runs)"]["tokens"] == sum(e["tokens"] for e in evals) > 0
     assert all(e["peak_memory_bytes"] > 0 for e in evals)
     assert results["seconds"] == pytest.approx(sum(row["seconds"] for row in compute.values()))
     assert sum(row["cost_usd"] for row in compute.values()) == pytest.approx(results["cost_usd"])
     assert "| teacher top-k cache |" in (out / "report.md").read_text()
+
+
+def test_quickstart_evaluates_every_stage_on_the_presets_benchmarks(tmp_path, monkeypatch):
+    from budget_reasoner import recipe
+    from budget_reasoner.config import load_preset
+    from tests.conftest import SHARED_DATA, TINY, ScriptedTeacher
+
+    preset = load_preset("cpu-tiny", {**TINY, "eval.benchmarks": [f"gsm8k={SHARED_DATA / 'gsm8k' / 'test.jsonl'}",
+                                                                  f"amc23={SHARED_DATA / 'amc23' / 'test.jsonl'}"],
+                                      "eval.benchmark_problems": 3})
+    monkeypatch.setattr(recipe, "make_teacher", lambda *args: ScriptedTeacher())
+    results = recipe.quickstart(tmp_path / "run", preset)
+    for spec in preset.eval.benchmarks:
+        name = spec.split("=")[0]
+        sample = read_json_lines(tmp_path / "run" / "data" / "benchmarks" / f"{name}.jsonl")
+        assert len(sample) == 3 and all(row["source"].startswith(f"{name}:") for row in sample)
+        assert set(results["benchmarks"][spec]) == {"teacher", "base", "sft", "dpo", "distill"}
+        for stage, summary in results["benchmarks"][spec].items():
+            rows = read_json_lines(tmp_path / "run" / "eval" / f"{name}-{stage}" / "results.jsonl")
+            assert [row["id"] for row in rows] == [row["id"] for row in sample]  # the same sampled problems for all
+            assert summary["problems"] == 3 and summary["accuracy"] == sum(row["correct"] for row in rows) / 3
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert all(f"Benchmark `{spec}` (3 problems)" in report for spec in preset.eval.benchmarks)
+
+
+def read_json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
