@@ -119,22 +119,22 @@ def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
     return str(stage_dir), None
 
 
-def load_for_training(stage_or_model: str | Path, preset, hardware, trainable: bool = True):
+def load_for_training(stage_or_model: str | Path, preset, hardware):
     """The model a stage starts from: a base model, or a base with a previous stage's adapter (trainable)."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
     base, adapter = stage_model_paths(Path(stage_or_model))
     if hardware.backend == "unsloth":
-        return load_with_unsloth(base, adapter, preset, hardware, trainable), base
+        return load_with_unsloth(base, adapter, preset, hardware), base
     model = load_model(base, preset, hardware)
     if preset.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     return model, base
 
 
-def load_with_unsloth(base: str, adapter: Path | None, preset, hardware, trainable: bool = True):
+def load_with_unsloth(base: str, adapter: Path | None, preset, hardware):
     """Unsloth's FastLanguageModel: its own (4-bit) loader and patched model. A previous stage's adapter goes on
     as peft loads it, then through Unsloth's get_peft_model, which keeps it and adds Unsloth's LoRA patches."""
     from peft import PeftModel
@@ -148,8 +148,8 @@ def load_with_unsloth(base: str, adapter: Path | None, preset, hardware, trainab
         raise BudgetReasonerError(f"cannot load model {base!r} with unsloth: {str(error).splitlines()[0]}") from None
     if adapter is None:
         return model
-    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    return with_lora(model, preset, gradient_checkpointing=False, hardware=hardware) if trainable else model
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    return with_lora(model, preset, gradient_checkpointing=False, hardware=hardware)
 
 
 def with_lora(model, preset, gradient_checkpointing: bool, hardware):

@@ -146,7 +146,7 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
     hardware = hardware or hardware_for(preset)
     info = read_json(Path(cache_dir) / "COMPLETE.json")
     rows = read_shards(cache_dir, CACHE_COLUMNS)
-    model, base = load_for_training(student_stage, preset, hardware, trainable=True)
+    model, base = load_for_training(student_stage, preset, hardware)
     tokenizer = load_tokenizer(base)
     if tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
         raise BudgetReasonerError(

@@ -37,7 +37,7 @@ def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Pres
     if not rows:
         raise BudgetReasonerError(f"{pairs_file}: no preference pairs (the teacher was never both right and wrong on a problem)")
     dataset = Dataset.from_list([{key: row[key] for key in PAIR_COLUMNS} for row in rows])
-    model, base = load_for_training(sft_stage, preset, hardware, trainable=True)
+    model, base = load_for_training(sft_stage, preset, hardware)
     if not hasattr(model, "peft_config"):
         raise BudgetReasonerError(f"{sft_stage}: dpo starts from an sft stage folder (base + LoRA adapter)")
     tokenizer = load_tokenizer(base)
