@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -113,12 +114,13 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     results["benchmarks"] = {spec: {} for spec in benchmarks}
 
     def held_out_eval(name: str, model: str | Path) -> dict:
+        load = functools.cache(lambda: load_for_inference(model, preset, hardware))  # one load for all its evals
         for spec, problems in benchmarks.items():  # the same model on each benchmark named by the preset
             summary = evaluate(model, problems, out / "eval" / f"{problems.stem}-{name}", preset, domain, hardware,
-                               name=f"{name} {problems.stem}")
+                               name=f"{name} {problems.stem}", load=load)
             results["benchmarks"][spec][name] = {key: summary[key] for key in summary
                                                  if key in ("accuracy", "problems") or key.startswith("maj@")}
-        return evaluate(model, held_out, out / "eval" / name, preset, domain, hardware, name=name)
+        return evaluate(model, held_out, out / "eval" / name, preset, domain, hardware, name=name, load=load)
 
     results["teacher"] = held_out_eval("teacher", teacher) if not is_server_teacher(teacher) else {}
     results["stages"]["base"] = {**held_out_eval("base", student)}

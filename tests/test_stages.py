@@ -221,7 +221,11 @@ def test_quickstart_evaluates_every_stage_on_the_presets_benchmarks(tmp_path, mo
                                                                   f"amc23={SHARED_DATA / 'amc23' / 'test.jsonl'}"],
                                       "eval.benchmark_problems": 3})
     monkeypatch.setattr(recipe, "make_teacher", lambda *args: ScriptedTeacher())
+    loads = []
+    monkeypatch.setattr(recipe, "load_for_inference", lambda model, *args: loads.append(str(model)) or
+                        load_for_inference(model, *args))
     results = recipe.quickstart(tmp_path / "run", preset)
+    assert len(loads) == len(set(loads)) == 5  # each model loaded once for its three evaluations
     for spec in preset.eval.benchmarks:
         name = spec.split("=")[0]
         sample = read_json_lines(tmp_path / "run" / "data" / "benchmarks" / f"{name}.jsonl")

@@ -43,15 +43,17 @@ def vote_is_correct(domain: str, vote: str | None, reference: str) -> bool:
 
 
 def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
-             hardware: Hardware | None = None, name: str | None = None) -> dict:
+             hardware: Hardware | None = None, name: str | None = None, load=None) -> dict:
     """Greedy (or budget-forced) accuracy, and over `eval.maj_k` samples: pass@1, pass@k, maj@k, best-of-k.
 
     Problems are answered and graded a shard (`generate.shard_size` problems) at a time into `out/shards/`;
-    an interrupted eval reruns only the shards it had not written."""
+    an interrupted eval reruns only the shards it had not written. `load` (a callable returning the model and
+    tokenizer) lets evaluations of one model on several problem sets share one load."""
     out = Path(out)
     if (record := finished(out, "eval", "summary.json")) is not None:
         return record
     hardware = hardware or hardware_for(preset)
+    load = load or (lambda: load_for_inference(model_or_stage, preset, hardware))
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS)
     k, shard_size = preset.eval.maj_k, preset.generate.shard_size
     label = f"eval {name or ''}".strip()
@@ -64,7 +66,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
                 rows += read_jsonl(path)
                 continue
             if model is None:  # loaded only when some shard still needs answers
-                model, tokenizer = load_for_inference(model_or_stage, preset, hardware)
+                model, tokenizer = load()
             shard = problems[start : start + shard_size]
             prompts = [chat_prompt(p["question"], preset.generate.instruction) for p in shard]
             answers = _generate_answers(model, tokenizer, prompts, prompt_texts(tokenizer, prompts), preset,
