@@ -245,18 +245,18 @@ def vram(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
-    from budget_reasoner.memory import TRAINING_STAGES, estimate_stage, longest_sequence, read_model_shape
+    from budget_reasoner.memory import TRAINING_STAGES, estimate_stage, longest_sequence, read_model_shape, teacher_cache_batch
 
     settings = _preset(preset, set_)
     model, estimate = estimate_stage(settings, stage, model)
     shape = read_model_shape(model)
-    section = settings.generate if stage == "cache" else getattr(settings, stage)
+    batch = teacher_cache_batch(settings) if stage == "cache" else getattr(settings, stage).batch_size
     typer.echo(f"{model} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, stage {stage}, "
-               f"{settings.model.max_length} tokens x batch {section.batch_size // (4 if stage == 'cache' else 1) or 1}")
+               f"{settings.model.max_length} tokens x batch {batch}")
     card = vram_gb or settings.vram_gb or None
     typer.echo(estimate.table(card))
     if card and stage in TRAINING_STAGES:
-        typer.echo(f"longest {stage} sequence at batch {section.batch_size} on this card: "
+        typer.echo(f"longest {stage} sequence at batch {batch} on this card: "
                    f"~{longest_sequence(shape, settings, card, stage):,} tokens")
 
 

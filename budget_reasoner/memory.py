@@ -155,6 +155,12 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     return _with_cuda_overheads(estimate, device)
 
 
+def teacher_cache_batch(preset: Preset) -> int:
+    """Sequences per forward of distill's teacher top-k cache: a quarter of `generate.batch_size`, as each is a
+    whole prompt + chain at once rather than one token a step."""
+    return max(1, preset.generate.batch_size // 4)
+
+
 def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "generate", device: str = "cuda") -> MemoryEstimate:
     """Peak memory of a model's inference work under `preset`, loaded as the preset loads models (4-bit on GPUs):
     "generate" (the teacher samples chains) and "eval" (the student answers) decode `batch_size` sequences
@@ -172,7 +178,7 @@ def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "ge
         parts["prefill (one layer)"] = sequences * prompt * layer_transient * compute
         parts["next-token scores"] = sequences * shape.vocab * 4 * 3  # fp32 logits, log-softmax, sampling probabilities
     elif task == "cache":
-        tokens = max(1, preset.generate.batch_size // 4) * preset.model.max_length
+        tokens = teacher_cache_batch(preset) * preset.model.max_length
         parts["forward (one layer, no grad)"] = tokens * layer_transient * compute
         parts["final hidden states"] = tokens * shape.hidden * compute
         parts["top-k logits (one chunk)"] = chunk_tokens_for(shape.vocab) * shape.vocab * 4 * 2

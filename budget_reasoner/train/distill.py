@@ -27,6 +27,7 @@ from budget_reasoner.io import (finished, is_complete, mark_complete, read_json,
                                 write_jsonl)
 from budget_reasoner.kernels import fused_linear_kd_loss, linear_topk_logprobs
 from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
+from budget_reasoner.memory import teacher_cache_batch
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, pad_batch, save_stage,
@@ -60,19 +61,20 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     teacher = load_model(teacher_path, preset, hardware).eval()
     tokenizer = load_tokenizer(teacher_path)
     weight, device = lm_head_weight(teacher), next(teacher.parameters()).device
-    top_k, shard_size = preset.distill.top_k, preset.generate.shard_size
-    batch_size = max(1, preset.generate.batch_size // 4)  # full sequences of the forward pass, no sampling
+    top_k, shard_size, batch_size = preset.distill.top_k, preset.generate.shard_size, teacher_cache_batch(preset)
+    tokens = 0
     with progress_bar() as bar, PeakMemory(device.type) as peak:
         task = bar.add_task("cache teacher top-k", total=len(rows))
         for index, shard_start in enumerate(range(0, len(rows), shard_size)):
-            shard = rows[shard_start : shard_start + shard_size]
+            encoded_shard = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
+                             for row in rows[shard_start : shard_start + shard_size]]
+            tokens += sum(len(ids) for ids, _ in encoded_shard)  # counted here: a finished shard is not reread
             if shard_path(cache_dir, index).is_file():
-                bar.advance(task, len(shard))
+                bar.advance(task, len(encoded_shard))
                 continue
             cached = []
-            for start in range(0, len(shard), batch_size):
-                encoded = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
-                           for row in shard[start : start + batch_size]]
+            for start in range(0, len(encoded_shard), batch_size):
+                encoded = encoded_shard[start : start + batch_size]
                 input_ids, attention_mask, _ = pad_batch(encoded, tokenizer.pad_token_id)
                 hidden = final_hidden_states(teacher, input_ids.to(device), attention_mask.to(device))
                 for i, (ids, mask) in enumerate(encoded):
@@ -82,8 +84,7 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
                 bar.advance(task, len(encoded))
             write_jsonl(shard_path(cache_dir, index), cached)
     info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(rows),
-            "seconds": time.time() - started, "tokens": sum(len(row["input_ids"]) for row in read_shards(cache_dir)),
-            "device": hardware.describe(), "peak_memory_bytes": peak.bytes}
+            "seconds": time.time() - started, "tokens": tokens, "device": hardware.describe(), "peak_memory_bytes": peak.bytes}
     mark_complete(cache_dir, info)
     return info
 
