@@ -21,6 +21,7 @@ distill's top-k cache (one no-grad forward, one chunk of logits). `budget-reason
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class ModelShape:
         return self.linear_parameters + self.embedding_parameters
 
 
+@functools.lru_cache(maxsize=64)  # each preset check reads its student and teacher for six stages
 def read_model_shape(name_or_path: str | Path) -> ModelShape:
     """The shape from a local config.json (a folder or the file), a known hub id shipped in data/, or the hub."""
     path = Path(name_or_path)
@@ -208,14 +210,15 @@ def _with_cuda_overheads(estimate: MemoryEstimate, device: str) -> MemoryEstimat
 
 
 TRAINING_STAGES = ("sft", "dpo", "distill")
-INFERENCE_STAGES = ("generate", "cache", "eval")  # the teacher samples and is cached; the student is evaluated
+INFERENCE_STAGES = ("generate", "cache", "eval")
+TEACHER_STAGES = ("generate", "cache")  # the teacher samples and is cached; the student trains and is evaluated
 
 
 def estimate_stage(preset: Preset, stage: str, model: str | None = None) -> tuple[str, MemoryEstimate]:
     """(model, estimate) of any stage: training and eval run the student, generate and cache the teacher."""
     if stage not in TRAINING_STAGES + INFERENCE_STAGES:
         raise BudgetReasonerError(f"--stage must be one of {', '.join(TRAINING_STAGES + INFERENCE_STAGES)}, got {stage!r}")
-    model = model or (preset.model.teacher if stage in ("generate", "cache") else preset.model.student)
+    model = model or (preset.model.teacher if stage in TEACHER_STAGES else preset.model.student)
     if stage in TRAINING_STAGES:
         return model, estimate_training_memory(read_model_shape(model), preset, stage)
     return model, estimate_inference_memory(read_model_shape(model), preset, stage)
@@ -226,7 +229,7 @@ def preset_fits(preset: Preset, vram_gb: float, headroom: float = 0.10) -> tuple
     (openai:MODEL) runs elsewhere: its generation and cache are not this card's."""
     stages = TRAINING_STAGES + INFERENCE_STAGES
     if preset.model.teacher.startswith("openai:"):
-        stages = tuple(stage for stage in stages if stage not in ("generate", "cache"))
+        stages = tuple(stage for stage in stages if stage not in TEACHER_STAGES)
     estimates = {stage: estimate_stage(preset, stage)[1] for stage in stages}
     return all(e.fits(vram_gb, headroom) for e in estimates.values()), estimates
 
