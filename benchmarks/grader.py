@@ -1,6 +1,6 @@
 """How far the math grader agrees with reference solutions, and how often it accepts a wrong answer.
 
-    python benchmarks/grader.py [--data ../shared/data]
+    python benchmarks/grader.py [--data data]
 
 Agreement: `check("math", solution, answer)` on every GSM8K test and MATH-500 reference solution.
 False accepts: each solution checked against another problem's answer from the same set (a fixed
@@ -18,7 +18,7 @@ from budget_reasoner.verify import grade
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data"))
     args = parser.parse_args()
     print(f"{'set':<10}{'rows':>6}{'agree':>9}{'errors':>8}{'shuffled':>10}{'false acc.':>11}{'seconds':>9}")
     for name, file in (("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl")):

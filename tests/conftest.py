@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tens
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROJECT_DATA = Path(__file__).resolve().parents[1] / "data"  # shipped with the project (data/README.md)
 
 # Every stage at toy size: models of a few thousand parameters, a handful of steps. Seconds, not minutes.
 TINY = {

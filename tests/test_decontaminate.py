@@ -7,9 +7,9 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.io import read_json
-from tests.conftest import SHARED_DATA
+from tests.conftest import PROJECT_DATA
 
-GSM8K_TRAIN, GSM8K_TEST = SHARED_DATA / "gsm8k" / "train.jsonl", SHARED_DATA / "gsm8k" / "test.jsonl"
+GSM8K_TRAIN, GSM8K_TEST = PROJECT_DATA / "gsm8k" / "train.jsonl", PROJECT_DATA / "gsm8k" / "test.jsonl"
 # a hand-checked template pair in the real files: GSM8K train reuses a test question with other numbers
 TRAIN_TWIN = "A train travels 270 miles in 3 hours. At the same rate, how many additional hours would it take to travel an additional 180 miles?"
 TEST_TWIN = "A plane travels 1200 miles in 3 hours. At the same rate, how many additional hours would it take to travel an additional 2000 miles?"

@@ -10,7 +10,7 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, pass_at_k, tokens_curve
 from budget_reasoner.verify import check, extract
-from tests.conftest import SHARED_DATA
+from tests.conftest import PROJECT_DATA
 
 
 def test_pass_at_k_against_hand_computed_values():
@@ -39,7 +39,7 @@ def test_majority_vote_and_best_of_n():
     ("amc23", "amc23/test.jsonl", 40, "27"),  # stored as 27.0
 ])
 def test_loaders_on_the_real_files(name, file, rows, first_answer):
-    problems = load_benchmark(name, SHARED_DATA / file)
+    problems = load_benchmark(name, PROJECT_DATA / file)
     assert len(problems) == rows and len({p["id"] for p in problems}) == rows
     assert {"id", "domain", "question", "answer", "source"} <= set(problems[0])
     if first_answer is not None:
@@ -48,13 +48,13 @@ def test_loaders_on_the_real_files(name, file, rows, first_answer):
 
 
 def test_every_aime_answer_is_an_integer_from_0_to_999():
-    problems = load_benchmark("aime24", SHARED_DATA / "aime24" / "test.jsonl")
+    problems = load_benchmark("aime24", PROJECT_DATA / "aime24" / "test.jsonl")
     assert all(p["answer"].isdigit() and 0 <= int(p["answer"]) <= 999 for p in problems)
 
 
 @pytest.mark.parametrize("name, file", [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl")])
 def test_reference_solutions_grade_as_correct_and_others_answers_do_not(name, file):
-    problems = load_benchmark(name, SHARED_DATA / file)
+    problems = load_benchmark(name, PROJECT_DATA / file)
     agreement = sum(check("math", p["solution"], p["answer"]) for p in problems) / len(problems)
     assert agreement >= 0.995
     # each solution against another problem's answer (a fixed shift), where the two answers differ as written
@@ -213,7 +213,7 @@ def test_eval_command_on_a_benchmark_file(tiny_run, tmp_path):
     from tests.conftest import TINY
 
     out, _, _ = tiny_run
-    rows = [json.loads(line) for line in (SHARED_DATA / "amc23" / "test.jsonl").read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in (PROJECT_DATA / "amc23" / "test.jsonl").read_text().splitlines()[:3]]
     small = tmp_path / "amc.jsonl"
     small.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]

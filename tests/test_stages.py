@@ -215,10 +215,10 @@ def test_report_accounts_for_cost(tiny_run):
 def test_quickstart_evaluates_every_stage_on_the_presets_benchmarks(tmp_path, monkeypatch):
     from budget_reasoner import recipe
     from budget_reasoner.config import load_preset
-    from tests.conftest import SHARED_DATA, TINY, ScriptedTeacher
+    from tests.conftest import PROJECT_DATA, TINY, ScriptedTeacher
 
-    preset = load_preset("cpu-tiny", {**TINY, "eval.benchmarks": [f"gsm8k={SHARED_DATA / 'gsm8k' / 'test.jsonl'}",
-                                                                  f"amc23={SHARED_DATA / 'amc23' / 'test.jsonl'}"],
+    preset = load_preset("cpu-tiny", {**TINY, "eval.benchmarks": [f"gsm8k={PROJECT_DATA / 'gsm8k' / 'test.jsonl'}",
+                                                                  f"amc23={PROJECT_DATA / 'amc23' / 'test.jsonl'}"],
                                       "eval.benchmark_problems": 3})
     monkeypatch.setattr(recipe, "make_teacher", lambda *args: ScriptedTeacher())
     loads = []

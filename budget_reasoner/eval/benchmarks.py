@@ -15,6 +15,10 @@ from typing import Callable
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import read_jsonl
 
+# The public files the project ships (data/README.md: sources and licences), read when a benchmark is named
+# without a path, so eval, seed sets and decontamination need no network. Absent from a wheel install: the hub then.
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
+
 
 def _number_text(value) -> str:
     """27.0 -> "27"; other values as written."""
@@ -29,30 +33,38 @@ class Benchmark:
     answer: Callable[[dict], str]  # the reference answer from a raw record
     required: tuple[str, ...]
     hub: tuple[str, str | None, str]  # (dataset id, config, split)
+    bundled: dict[str, str]  # split -> file under data/ (the same records as the hub split)
     solution: Callable[[dict], str | None] = lambda record: record.get("solution")
     train_split: str | None = None  # the hub split a seed set (training problems) comes from, where there is one
 
 
 BENCHMARKS = {
     "gsm8k": Benchmark("question", lambda r: r["answer"].split("####")[-1].strip().replace(",", ""),
-                       ("question", "answer"), ("openai/gsm8k", "main", "test"), solution=lambda r: r["answer"],
+                       ("question", "answer"), ("openai/gsm8k", "main", "test"),
+                       {"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"}, solution=lambda r: r["answer"],
                        train_split="train"),
     "math500": Benchmark("problem", lambda r: str(r["answer"]).strip(), ("problem", "answer"),
-                         ("HuggingFaceH4/MATH-500", None, "test")),
+                         ("HuggingFaceH4/MATH-500", None, "test"),
+                         {"test": "math500/test.jsonl"}),
     "aime24": Benchmark("problem", lambda r: _number_text(r["answer"]), ("problem", "answer"),
-                        ("HuggingFaceH4/aime_2024", None, "train")),
-    "amc23": Benchmark("question", lambda r: _number_text(r["answer"]), ("question", "answer"), ("math-ai/amc23", None, "test")),
+                        ("HuggingFaceH4/aime_2024", None, "train"),
+                        {"test": "aime24/test.jsonl"}),
+    "amc23": Benchmark("question", lambda r: _number_text(r["answer"]), ("question", "answer"), ("math-ai/amc23", None, "test"),
+                       {"test": "amc23/test.jsonl"}),
 }
 
 
 def load_benchmark(name: str, path_or_id: str | Path | None = None, train: bool = False) -> list[dict]:
-    """Problems of a named benchmark, from `path_or_id` (a local JSONL file or a hub id; default: the hub copy).
+    """Problems of a named benchmark, from `path_or_id` (a local JSONL file or a hub id; default: the copy the
+    project ships under data/, else the hub's).
 
-    `train=True` reads the set's training split from the hub (seed problems for generate); a local file is
-    read as it is."""
+    `train=True` reads the set's training split (seed problems for generate); a local file is read as it is."""
     if name not in BENCHMARKS:
         raise BudgetReasonerError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
     spec = BENCHMARKS[name]
+    bundled = spec.bundled.get("train" if train else "test")
+    if not path_or_id and bundled and (BUNDLED_DATA / bundled).is_file():
+        path_or_id = BUNDLED_DATA / bundled
     source = str(path_or_id) if path_or_id else spec.hub[0]
     if path_or_id and Path(path_or_id).exists():
         records = read_jsonl(Path(path_or_id), spec.required)
