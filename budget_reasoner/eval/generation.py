@@ -7,10 +7,11 @@ early, replace the close with "Wait" and let it think on).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from budget_reasoner.progress import progress_bar
 
@@ -50,6 +51,44 @@ class ChosenTokenLogprobs(LogitsProcessor):
         return torch.stack(self.chosen, 1)
 
 
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float, num_samples: int, stops: list[int]) -> GenerationConfig:
+    """The whole generation config, from our settings only: greedy at temperature 0, else plain sampling from the
+    model's distribution at that temperature (no top-k, top-p, min-p or penalties), one beam, tensors out.
+
+    Every field that changes which token comes next is set to its neutral value here, so that a checkpoint's
+    `generation_config.json` (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20, top_p 0.8) cannot turn
+    'greedy' into something else or skew the log-probs best-of-N ranks by.
+    """
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0} if temperature > 0 else {"do_sample": False}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_samples, num_beams=1,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+        length_penalty=1.0, guidance_scale=1.0, renormalize_logits=False, remove_invalid_values=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, use_cache=True,
+        output_scores=False, output_logits=False, return_dict_in_generate=False, **sampling,
+    )
+
+
+@contextmanager
+def checkpoint_defaults_off(model):
+    """Hide the checkpoint's `generation_config` for the length of a generate() call.
+
+    transformers (5.x, `_prepare_generation_config`) fills every field of the config we pass that is still None
+    from `model.generation_config`; some fields have no neutral value but None (bad_words_ids, suppress_tokens,
+    sequence_bias, forced_eos_token_id, top_h, max_time, ...), so passing a full config is not enough on its own.
+    With a blank one in its place only transformers' global defaults fill the gaps. PEFT and similar wrappers
+    forward to the transformers model underneath, which is the one generate() reads.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @dataclass
 class Generated:
     text: str
@@ -73,8 +112,8 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     prompts_per_batch = max(1, batch_size // num_samples)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     stops = [tokenizer.eos_token_id, *(stop_ids or [])]
+    config = sampling_config(tokenizer, max_new_tokens, temperature, num_samples, stops)
     try:
         with progress_bar() as bar:
             task = bar.add_task(description, total=len(texts))
@@ -82,11 +121,8 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
                 chunk = order[start : start + prompts_per_batch]
                 batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 recorder = ChosenTokenLogprobs(temperature)
-                sequences = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, logits_processor=LogitsProcessorList([recorder]),
-                    **sampling,
-                )
+                with checkpoint_defaults_off(model):
+                    sequences = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList([recorder]))
                 new_tokens = sequences[:, batch["input_ids"].shape[1] :]
                 logprobs = recorder.finish(sequences)
                 # generated = up to and including the first stop token (padding follows it; the pad id may equal EOS)
