@@ -42,15 +42,11 @@ def friendly_errors(command):
     return wrapper
 
 
-def _preset(name: str, overrides: list[str] | None):
-    from budget_reasoner.config import load_preset
+def _preset(name: str, overrides: list[str] | None, options: dict | None = None):
+    """The preset with its --set overrides and a command's own options (dotted keys), all checked by config.py's rules."""
+    from budget_reasoner.config import load_preset, parse_overrides
 
-    parsed = {}
-    for item in overrides or []:
-        key, separator, value = item.partition("=")
-        if not separator:
-            raise BudgetReasonerError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.max_steps=50")
-        parsed[key.strip()] = yaml.safe_load(value)
+    parsed = {**parse_overrides(overrides), **{key: value for key, value in (options or {}).items() if value is not None}}
     if name == "auto":
         from budget_reasoner.hardware import detect
         from budget_reasoner.memory import recommend_preset
@@ -76,7 +72,7 @@ def quickstart(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     out: Path = typer.Option(Path("runs/quickstart"), help="Run folder; rerun with the same folder to resume."),
     report_to: str = typer.Option("none", help=REPORT_HELP),
-    gpu_hour_price: Optional[float] = typer.Option(None, help="Dollars per GPU-hour: the report prices each stage."),
+    gpu_hour_price: Optional[float] = typer.Option(None, min=0, help="Dollars per GPU-hour: the report prices each stage."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
@@ -195,10 +191,10 @@ def eval_command(
                                                        "else the hub), or choice (a GPQA-style CSV via --problems)."),
     out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl, summary.json, summary.md, curve PNG."),
     domain: str = typer.Option("math", help="The narrow domain (picks the verifier)."),
-    samples: Optional[int] = typer.Option(None, help="Samples per problem for pass@k, majority vote and best-of-k."),
-    think_budget: Optional[int] = typer.Option(None, help="Budget forcing: cap the thinking at this many tokens."),
-    min_think: Optional[int] = typer.Option(None, help="Budget forcing: append 'Wait' when thinking stops earlier."),
-    max_waits: Optional[int] = typer.Option(None, help="Budget forcing: at most this many 'Wait's."),
+    samples: Optional[int] = typer.Option(None, min=1, help="Samples per problem for pass@k, majority vote and best-of-k."),
+    think_budget: Optional[int] = typer.Option(None, min=0, help="Budget forcing: cap the thinking at this many tokens (0: off)."),
+    min_think: Optional[int] = typer.Option(None, min=0, help="Budget forcing: append 'Wait' when thinking stops earlier."),
+    max_waits: Optional[int] = typer.Option(None, min=0, help="Budget forcing: at most this many 'Wait's."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
@@ -207,10 +203,8 @@ def eval_command(
     from budget_reasoner.eval.run import evaluate
     from budget_reasoner.io import write_jsonl
 
-    settings = _preset(preset, set_)
-    for value, field in ((samples, "maj_k"), (think_budget, "think_budget"), (min_think, "min_think_tokens"), (max_waits, "max_waits")):
-        if value is not None:
-            setattr(settings.eval, field, value)
+    settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
+                                      "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
     if benchmark:
         rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
         domain = "choice" if benchmark == "choice" else "math"
@@ -241,7 +235,7 @@ def vram(
                                                    "student, or its teacher for generate and cache)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     stage: str = typer.Option("sft", help="sft, dpo, distill (training), generate, cache (the teacher) or eval."),
-    vram_gb: Optional[float] = typer.Option(None, help="Card memory in GiB (default: the preset's)."),
+    vram_gb: Optional[float] = typer.Option(None, min=0, help="Card memory in GiB (default: the preset's)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""

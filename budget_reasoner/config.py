@@ -2,8 +2,9 @@
 
 A preset sizes every stage of the recipe to one machine. `load_preset("cpu-tiny")` reads
 `presets/cpu-tiny.yaml`; `load_preset("my.yaml")` reads any file. Keys missing from the file keep the
-defaults below; an unknown key or a value of the wrong type is a `BudgetReasonerError` naming the file
-and the dotted key, so a typo never silently falls back to a default.
+defaults below; an unknown key, a value of the wrong type, a value outside its range (RULES) or a
+combination that cannot run (CROSS_RULES) is a `BudgetReasonerError` naming the file and the dotted key,
+so a typo never silently falls back to a default and a zero never dies later inside a library.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -162,6 +163,111 @@ class Preset:
         return dataclasses.asdict(self)
 
 
+# ---- What each value may be ---------------------------------------------------------------------------
+# Checked when a preset loads (file values and overrides alike), so a bad value is one line naming the key,
+# not a library traceback minutes into a run: HF reads max_steps=-1 as "train by epochs", 0 as one step.
+
+
+@dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any], bool]
+    allowed: str  # what the error says the value must be
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda value: value >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda value: value > low, f"> {low}")
+
+
+def between(low: float, high: float, high_open: bool = False) -> Rule:
+    if high_open:
+        return Rule(lambda value: low <= value < high, f"in [{low}, {high})")
+    return Rule(lambda value: low <= value <= high, f"in [{low}, {high}]")
+
+
+def one_of(*names: str) -> Rule:
+    return Rule(lambda value: value in names, "one of " + ", ".join(names))
+
+
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+ATTENTION = ("sdpa", "eager", "budget_flash")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+# TrainingArguments.optim names that run with what we install (torch, bitsandbytes); transformers knows more
+# (galore, apollo, lomo, schedule_free...) that need packages we do not ship
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+    "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit",
+    "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
+    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+)
+
+# per dataclass, per field; a subclass (DpoConfig) also obeys its base's (TrainConfig) rules
+RULES: dict[type, dict[str, Rule]] = {
+    Preset: {"vram_gb": NON_NEGATIVE, "threads": NON_NEGATIVE, "seed": NON_NEGATIVE},
+    TinyModelConfig: {"hidden_size": POSITIVE, "num_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE,
+                      "intermediate_size": POSITIVE},
+    ModelConfig: {"max_length": POSITIVE, "attention": one_of(*ATTENTION)},
+    QuantizationConfig: {"compute_dtype": one_of(*COMPUTE_DTYPES)},
+    LoraConfig: {"r": POSITIVE, "alpha": above(0), "dropout": between(0, 1, high_open=True)},
+    PretrainConfig: {"teacher_steps": POSITIVE, "student_steps": POSITIVE, "batch_size": POSITIVE,
+                     "learning_rate": above(0), "num_problems": POSITIVE},
+    TrainConfig: {"max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "learning_rate": above(0),
+                  "warmup_ratio": between(0, 1), "save_steps": POSITIVE, "optimizer": one_of(*OPTIMIZERS)},
+    DpoConfig: {"beta": above(0), "sft_weight": NON_NEGATIVE},
+    DistillConfig: {"top_k": POSITIVE, "temperature": above(0), "alpha": between(0, 1)},
+    GenerateConfig: {"num_train_problems": POSITIVE, "num_eval_problems": POSITIVE, "min_steps": POSITIVE,
+                     "max_steps": POSITIVE, "samples_per_problem": POSITIVE, "temperature": NON_NEGATIVE,
+                     "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "shard_size": POSITIVE, "seed": NON_NEGATIVE,
+                     "num_seed_problems": NON_NEGATIVE},
+    EvalConfig: {"maj_k": POSITIVE, "temperature": NON_NEGATIVE, "max_new_tokens": POSITIVE, "batch_size": POSITIVE,
+                 "think_budget": NON_NEGATIVE, "min_think_tokens": NON_NEGATIVE, "max_waits": NON_NEGATIVE,
+                 "benchmark_problems": NON_NEGATIVE},
+}
+
+
+def _tiny_shape_rules(name: str) -> list[tuple[str, Callable[[Preset], bool], str]]:
+    shape = lambda p: getattr(p.model, name)  # noqa: E731
+    return [
+        (f"model.{name}.hidden_size", lambda p: shape(p).hidden_size % shape(p).num_heads == 0,
+         f"a multiple of model.{name}.num_heads"),
+        (f"model.{name}.num_heads", lambda p: shape(p).num_heads % shape(p).num_kv_heads == 0,
+         f"a multiple of model.{name}.num_kv_heads"),
+    ]
+
+
+# (key the error names, test on the whole preset, what the key must be)
+CROSS_RULES: list[tuple[str, Callable[[Preset], bool], str]] = [
+    ("generate.max_steps", lambda p: p.generate.max_steps >= p.generate.min_steps, ">= generate.min_steps"),
+    # generate() decodes all of one problem's samples in one batch: a smaller batch silently runs more at once
+    ("generate.batch_size", lambda p: p.generate.batch_size >= p.generate.samples_per_problem,
+     ">= generate.samples_per_problem"),
+    ("eval.batch_size", lambda p: p.eval.batch_size >= p.eval.maj_k, ">= eval.maj_k"),
+    ("eval.min_think_tokens", lambda p: p.eval.think_budget == 0 or p.eval.min_think_tokens <= p.eval.think_budget,
+     "<= eval.think_budget"),
+    *_tiny_shape_rules("tiny_student"),
+    *_tiny_shape_rules("tiny_teacher"),
+]
+
+
+def _rules_for(cls: type) -> dict[str, Rule]:
+    merged: dict[str, Rule] = {}
+    for base in reversed(cls.__mro__):
+        merged.update(RULES.get(base, {}))
+    return merged
+
+
+def check_positions(preset: Preset, positions: int | None, model: str) -> None:
+    """model.max_length against the positions a loaded model has (its config's max_position_embeddings)."""
+    if positions is not None and preset.model.max_length > positions:
+        raise BudgetReasonerError(f"preset {preset.name}: model.max_length must be <= {positions} (the positions of "
+                                  f"{model}), got {preset.model.max_length}")
+
+
 def available_presets() -> list[str]:
     return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
 
@@ -193,43 +299,95 @@ def load_preset(name_or_path: str | Path = "cpu-tiny", overrides: dict[str, Any]
         raise BudgetReasonerError(f"{path}: a preset must be a mapping of sections, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return _build(Preset, raw, str(path), "")
+        _set_dotted(raw, dotted, value, str(path))
+    source = _Source(str(path), frozenset(overrides or ()))
+    preset = _build(Preset, raw, source, "")
+    for key, ok, allowed in CROSS_RULES:
+        if not ok(preset):
+            raise BudgetReasonerError(f"{source.where(key)}: {key} must be {allowed}, got {_lookup(preset, key)!r}")
+    return preset
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` strings to {"KEY": value}, each value read as YAML (so 5 is an int, [a, b] a list)."""
+    parsed = {}
+    for item in items or []:
+        key, separator, text = item.partition("=")
+        key = key.strip()
+        if not separator or not key or "" in key.split("."):
+            raise BudgetReasonerError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.max_steps=50")
+        try:
+            parsed[key] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise BudgetReasonerError(f"--set {item!r}: {text!r} is not a valid value "
+                                      f"({getattr(error, 'problem', None) or 'YAML syntax'}; quote it to pass a string)") from None
+    return parsed
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where values came from, for errors: the preset file, and which dotted keys an override set."""
+
+    path: str
+    overridden: frozenset[str]
+
+    def where(self, key: str) -> str:
+        parts = key.split("[")[0].split(".")
+        overridden = any(".".join(parts[:i]) in self.overridden for i in range(1, len(parts) + 1))
+        return f"{self.path} (overridden: {key})" if overridden else self.path
+
+
+def _lookup(preset: Preset, dotted: str) -> Any:
+    value: Any = preset
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for key in parents:
-        node = node.setdefault(key, {})
+    for depth, key in enumerate(parents):
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            raise BudgetReasonerError(f"{source}: cannot set {dotted}: {'.'.join(parents[: depth + 1])} is a value "
+                                      f"({node!r}), not a section")
     node[leaf] = value
 
 
-def _build(cls: type, raw: dict, source: str, prefix: str):
+def _build(cls: type, raw: dict, source: _Source, prefix: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise BudgetReasonerError(f"{source}: unknown key {prefix + str(key)!r} (known: {', '.join(sorted(known))})")
+            raise BudgetReasonerError(f"{source.where(prefix + str(key))}: unknown key {prefix + str(key)!r} "
+                                      f"(known: {', '.join(sorted(known))})")
     values = {key: _coerce(hints[key], value, source, prefix + key) for key, value in raw.items()}
+    rules = _rules_for(cls)
+    for key, value in values.items():
+        rule = rules.get(key)
+        if rule is not None and not rule.ok(value):
+            raise BudgetReasonerError(f"{source.where(prefix + key)}: {prefix + key} must be {rule.allowed}, got {value!r}")
     return cls(**values)
 
 
-def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+def _coerce(hint: Any, value: Any, source: _Source, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise BudgetReasonerError(f"{source}: {key} must be a mapping, got {value!r}")
+            raise BudgetReasonerError(f"{source.where(key)}: {key} must be a mapping, got {value!r}")
         return _build(hint, value, source, key + ".")
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise BudgetReasonerError(
-                f"{source}: {key} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+                f"{source.where(key)}: {key} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
         return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise BudgetReasonerError(f"{source}: {key} must be a list, got {value!r}")
+            raise BudgetReasonerError(f"{source.where(key)}: {key} must be a list, got {value!r}")
         return [_coerce(item_type, item, source, f"{key}[{index}]") for index, item in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -243,5 +401,5 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise BudgetReasonerError(f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise BudgetReasonerError(f"{source.where(key)}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

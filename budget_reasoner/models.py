@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from budget_reasoner.config import Preset, TinyModelConfig
+from budget_reasoner.config import Preset, TinyModelConfig, check_positions
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware
 
@@ -115,6 +115,9 @@ def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, qua
         )
         kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else "cpu"
     try:
+        # before the weights: a preset whose max_length the model cannot hold fails in seconds, not after the load
+        positions = getattr(AutoConfig.from_pretrained(str(name_or_path)), "max_position_embeddings", None)
+        check_positions(preset, positions, str(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     except OSError as error:
         raise BudgetReasonerError(f"cannot load model {str(name_or_path)!r}: {str(error).splitlines()[0]}") from None
