@@ -106,3 +106,58 @@ def test_quickstart_with_a_server_teacher_skips_logit_distillation(stub, tmp_pat
               for line in path.read_text().splitlines()]
     assert all(row["teacher"] == "stub-72b" and row["tokens"] is None for row in chains)
     assert "| dpo |" in (tmp_path / "run" / "report.md").read_text()
+
+
+SECRET = "sk-live-0123456789"
+
+
+def test_redact_takes_credentials_out_of_urls_and_keeps_the_rest():
+    from budget_reasoner.generate.teachers import redact
+
+    assert redact(f"http://user:{SECRET}@gpu-box:8000/v1") == "http://***@gpu-box:8000/v1"
+    assert redact(f"https://host/v1?api_key={SECRET}&api-version=2024-06") == "https://host/v1?api_key=***&api-version=2024-06"
+    assert redact(f"error at https://h/v1?x=1&Token={SECRET}#a, retry") == "error at https://h/v1?x=1&Token=***#a, retry"
+    assert redact("http://localhost:8000/v1 and Qwen/Qwen2.5-7B-Instruct") == "http://localhost:8000/v1 and Qwen/Qwen2.5-7B-Instruct"
+
+
+def _dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("url", [f"http://user:{SECRET}@127.0.0.1:{{port}}/v1", f"http://127.0.0.1:{{port}}/v1?api_key={SECRET}"])
+def test_a_key_in_the_url_is_not_in_the_error_line(url):
+    url = url.format(port=_dead_port())
+    with pytest.raises(BudgetReasonerError, match="did not answer") as error:
+        OpenAITeacher("m", base_url=url, timeout=5).sample([[{"role": "user", "content": "1+1"}]], 1, 0, 8, 0)
+    assert SECRET not in str(error.value) and "***" in str(error.value)
+    with pytest.raises(BudgetReasonerError, match="must start with http") as error:
+        OpenAITeacher("m", base_url=f"user:{SECRET}@127.0.0.1:8000/v1")
+    assert SECRET not in str(error.value)
+
+
+def test_a_query_key_reaches_the_server_and_nothing_the_run_writes_or_prints(stub, tmp_path, monkeypatch):
+    """generate through the CLI with the key in the URL's query: the server gets it, the output folder and the
+    terminal never show it; a dead server with the key in user:key@ form is one line without it."""
+    from typer.testing import CliRunner
+
+    from budget_reasoner.cli import app
+
+    monkeypatch.setenv("BUDGET_REASONER_TEACHER_URL", f"{stub.url}?api_key={SECRET}")
+    overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    out = tmp_path / "data"
+    result = CliRunner().invoke(app, ["generate", "--teacher", "openai:stub-72b", "--preset", "cpu-tiny", "--out", str(out),
+                                      *overrides])
+    assert result.exit_code == 0, result.output
+    assert stub.requests and all(r["path"] == f"/v1/chat/completions?api_key={SECRET}" for r in stub.requests)
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert any(path.parent.name == "chains" for path in written)
+    assert not [path for path in written if SECRET.encode() in path.read_bytes()]
+    assert SECRET not in result.output
+
+    monkeypatch.setenv("BUDGET_REASONER_TEACHER_URL", f"http://user:{SECRET}@127.0.0.1:{_dead_port()}/v1")
+    result = CliRunner().invoke(app, ["generate", "--teacher", "openai:stub-72b", "--preset", "cpu-tiny",
+                                      "--out", str(tmp_path / "dead"), *overrides])
+    assert result.exit_code == 2 and "did not answer" in result.output and SECRET not in result.output, result.output
+    assert not [p for p in (tmp_path / "dead").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

@@ -4,24 +4,40 @@ objects that also carry their token counts).
 - `TransformersTeacher`: a local model (the offline tiny teacher, or any hub checkpoint that fits).
 - `OpenAITeacher`: any OpenAI-compatible server (vLLM's `vllm serve`, llama.cpp, a hosted 70B endpoint),
   configured by `BUDGET_REASONER_TEACHER_URL` / `BUDGET_REASONER_TEACHER_KEY`.
+
+A key can also sit in the URL (`https://user:KEY@host/v1`, `https://host/v1?api_key=KEY`); `redact` takes it
+out of anything we print or write: errors, teacher names in the chains' `teacher` column and stage records.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.generation import Generated, generate_texts, prompt_texts
 
 
+# user:password@ after a scheme, and query values whose name says they are secret (api_key, token, sig, ...)
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"<>]+@")
+_SECRET_QUERY = re.compile(r"([?&][^=&#\s]*(?:key|token|secret|passw|auth|sig|credential)[^=&#\s]*=)[^&#\s'\"<>]*",
+                           re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by ***: fit for errors, logs and files."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", text))
+
+
 class TransformersTeacher:
     """A local model. Its samples carry their generated token counts (the chains' `tokens` column)."""
 
     def __init__(self, model, tokenizer, name: str, batch_size: int):
-        self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
+        self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, redact(name), batch_size
         self.device = next(model.parameters()).device.type  # where the generate stage's peak memory is measured
 
     def sample(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int,
@@ -34,26 +50,35 @@ class OpenAITeacher:
     """Chat completions over HTTP, `n` samples per request (the server batches them)."""
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 600):
-        self.name = model
+        self.model = model
+        self.name = redact(model)  # written to every chain row and the stage record
         self.base_url = (base_url or os.environ.get("BUDGET_REASONER_TEACHER_URL", "")).rstrip("/")
         self.api_key = api_key or os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY")
         self.timeout = timeout
         if not self.base_url:
             raise BudgetReasonerError("an OpenAI-compatible teacher needs BUDGET_REASONER_TEACHER_URL (e.g. http://localhost:8000/v1)")
+        if urllib.parse.urlsplit(self.base_url).scheme not in ("http", "https"):
+            # not echoed: without a scheme we cannot tell which part of it is a key
+            raise BudgetReasonerError("BUDGET_REASONER_TEACHER_URL must start with http:// or https:// (e.g. http://localhost:8000/v1)")
 
     def sample(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
         return [self._complete(messages, num_samples, temperature, max_new_tokens, seed) for messages in prompts]
 
+    def _endpoint(self) -> str:
+        """base/chat/completions, keeping a query (a gateway's ?api_key=) after the path rather than inside it."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
+
     def _complete(self, messages, num_samples, temperature, max_new_tokens, seed) -> list[str]:
-        body = json.dumps({"model": self.name, "messages": messages, "n": num_samples, "temperature": temperature,
+        body = json.dumps({"model": self.model, "messages": messages, "n": num_samples, "temperature": temperature,
                            "max_tokens": max_new_tokens, "seed": seed}).encode()
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, method="POST",
-                                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
         try:
+            request = urllib.request.Request(self._endpoint(), data=body, method="POST",
+                                             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = json.loads(response.read())
-        except (urllib.error.URLError, TimeoutError) as error:
-            raise BudgetReasonerError(f"teacher server {self.base_url} did not answer: {error}") from None
+        except (OSError, ValueError) as error:  # URLError, HTTPError, timeouts, resets; a malformed URL; a non-JSON answer
+            raise BudgetReasonerError(f"teacher server {redact(self.base_url)} did not answer: {redact(str(error))}") from None
         choices = sorted(payload.get("choices", []), key=lambda choice: choice.get("index", 0))
         return [_as_chain(choice["message"]) for choice in choices]
 
