@@ -13,7 +13,7 @@ PROJECT_DATA = Path(__file__).resolve().parents[1] / "data"  # shipped with the 
 
 # Every stage at toy size: models of a few thousand parameters, a handful of steps. Seconds, not minutes.
 TINY = {
-    "pretrain.teacher_steps": 30, "pretrain.student_steps": 20, "pretrain.batch_size": 16, "pretrain.num_problems": 400,
+    "pretrain.teacher_steps": 30, "pretrain.teacher_target_accuracy": 0.0, "pretrain.student_steps": 20, "pretrain.batch_size": 16, "pretrain.num_problems": 400,
     "model.tiny_student.hidden_size": 32, "model.tiny_student.intermediate_size": 64, "model.tiny_student.num_layers": 1,
     "model.tiny_student.num_heads": 2, "model.tiny_student.num_kv_heads": 1,
     "model.tiny_teacher.hidden_size": 32, "model.tiny_teacher.intermediate_size": 64, "model.tiny_teacher.num_layers": 2,

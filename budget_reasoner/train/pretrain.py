@@ -11,14 +11,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.domains import math as math_domain
+from budget_reasoner.eval.generation import generate_texts, prompt_texts
 from budget_reasoner.models import build_tiny_model, build_tokenizer
-from budget_reasoner.progress import progress_bar
+from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.train.common import encode_prompt_completion, pad_batch
+from budget_reasoner.verify import extract_answer
 
 TOKENIZER_SEED = 12345
 
@@ -58,17 +61,30 @@ def student_examples(preset: Preset, exclude: set[str]) -> list[tuple[str, str]]
 
 
 def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps: int, batch_size: int,
-                       learning_rate: float, seed: int, description: str) -> list[dict]:
-    """Full-parameter training on prompt -> completion pairs (loss on the completion). Returns the loss log."""
+                       learning_rate: float, seed: int, description: str, check: Callable | None = None,
+                       target: float = 0.0, check_every: int = 100, cooldown_steps: int = 100) -> list[dict]:
+    """Full-parameter training on prompt -> completion pairs (loss on the completion). Returns the loss log.
+
+    Without `check`: `steps` steps, linear warmup then cosine decay to 10%. With `check(model) -> accuracy`:
+    warmup, then a constant rate until a check every `check_every` steps reaches `target` (or until only
+    `cooldown_steps` of `steps` are left), then a linear cool-down to 10% over `cooldown_steps` and a last
+    check. Stopping on what the model can do, not on a step count, is what makes the bootstrap reproduce
+    across machines whose rounding moves the step at which a small model "gets" a task.
+    """
     encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": q}], c) for q, c in examples]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
+    cooldown_from: int | None = None  # with a check: the step the cool-down began
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+    def lr_at(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        if check is None:  # cosine decay to 10%
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        if cooldown_from is None:
+            return 1.0
+        return max(0.1, 1.0 - 0.9 * (step - cooldown_from) / max(1, cooldown_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
@@ -84,27 +100,71 @@ def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if step % 20 == 0 or step == steps - 1:
-                history.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - started})
+            done = step + 1
+            if step % 20 == 0 or done == steps:
+                history.append({"step": done, "loss": loss.item(), "seconds": time.time() - started})
                 bar.update(task, description=f"{description} loss {loss.item():.3f}")
             bar.advance(task)
+            if check is None:
+                continue
+            if cooldown_from is None and (done % check_every == 0 or done == steps - cooldown_steps):
+                accuracy = check(model)
+                model.train()
+                history.append({"step": done, "check_accuracy": accuracy, "seconds": time.time() - started})
+                bar.update(task, description=f"{description} check {accuracy:.1%}")
+                if accuracy >= target or done >= steps - cooldown_steps:
+                    cooldown_from = done
+            if cooldown_from is not None and done >= cooldown_from + cooldown_steps:
+                break
+    if check is not None:
+        history.append({"step": done, "check_accuracy": check(model), "seconds": time.time() - started})
     model.eval()
     return history
+
+
+def greedy_accuracy(tokenizer, problems: list) -> Callable:
+    """check(model) -> the share of `problems` the model answers right, greedy, in the chain format."""
+    texts = prompt_texts(tokenizer, [[{"role": "user", "content": p.question}] for p in problems])
+    longest = max(len(math_domain.format_chain(p.steps, p.answer)) for p in problems)  # characters >= tokens
+
+    def check(model) -> float:
+        outputs = generate_texts(model, tokenizer, texts, max_new_tokens=longest, batch_size=len(texts), description="check")
+        # The offline answers are integers: an exact match is the whole verdict, and a half-trained model's
+        # garbage never reaches the symbolic grader's timeouts.
+        return sum(extract_answer(out.text) == p.answer for (out,), p in zip(outputs, problems)) / len(problems)
+
+    return check
 
 
 def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str]) -> dict:
     """Build the shared tokenizer and train the teacher and student base; save both under `models_dir`."""
     tokenizer = build_offline_tokenizer(preset)
+    pretrain, gen = preset.pretrain, preset.generate
+    teacher_data = teacher_examples(preset, held_out_questions)
+    # The teacher's check: multi-step problems like the held-out split's, seen neither in training nor in eval.
+    seen = held_out_questions | {question for question, _ in teacher_data}
+    check_problems = math_domain.make_problems(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps, seen)
     log = {}
-    for role, examples, steps, shape in (
-        ("teacher", teacher_examples(preset, held_out_questions), preset.pretrain.teacher_steps, preset.model.tiny_teacher),
-        ("student-base", student_examples(preset, held_out_questions), preset.pretrain.student_steps, preset.model.tiny_student),
+    for role, examples, steps, shape, check in (
+        ("teacher", teacher_data, pretrain.teacher_steps, preset.model.tiny_teacher,
+         greedy_accuracy(tokenizer, check_problems) if pretrain.teacher_target_accuracy > 0 else None),
+        ("student-base", student_examples(preset, held_out_questions), pretrain.student_steps, preset.model.tiny_student, None),
     ):
-        model = build_tiny_model(tokenizer, shape, max_positions=preset.model.max_length + preset.generate.max_new_tokens, seed=preset.seed)
+        model = build_tiny_model(tokenizer, shape, max_positions=preset.model.max_length + gen.max_new_tokens, seed=preset.seed)
         started = time.time()
-        history = train_from_scratch(model, tokenizer, examples, steps, preset.pretrain.batch_size,
-                                     preset.pretrain.learning_rate, preset.seed, f"bootstrap {role}")
+        history = train_from_scratch(model, tokenizer, examples, steps, pretrain.batch_size, pretrain.learning_rate,
+                                     preset.seed, f"bootstrap {role}", check, pretrain.teacher_target_accuracy,
+                                     pretrain.check_every, pretrain.cooldown_steps)
         model.save_pretrained(models_dir / role)
         tokenizer.save_pretrained(models_dir / role)
-        log[role] = {"parameters": model.num_parameters(), "loss": history, "seconds": time.time() - started}
+        log[role] = {"parameters": model.num_parameters(), "loss": history, "seconds": time.time() - started,
+                     "steps": max(entry["step"] for entry in history)}
+        checks = [entry["check_accuracy"] for entry in history if "check_accuracy" in entry]
+        if checks:
+            log[role]["check_accuracy"] = checks[-1]
+            say(f"bootstrap {role}: {checks[-1]:.1%} greedy on {len(check_problems)} held-aside problems after "
+                f"{log[role]['steps']} steps")
+            if checks[-1] < pretrain.teacher_target_accuracy:
+                say(f"bootstrap {role}: below the target {pretrain.teacher_target_accuracy:.0%} after the most steps "
+                    f"allowed (pretrain.teacher_steps {steps}); later stages learn from a weaker teacher")
     return log
