@@ -8,7 +8,9 @@ import torch
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
-from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, pass_at_k, tokens_curve
+from budget_reasoner.eval import majority, majority_correct
+from budget_reasoner.eval.metrics import (accuracy_curve, best_of_n, cluster_answers, majority_vote, pass_at_k,
+                                          tokens_curve, vote)
 from budget_reasoner.verify import check, extract
 from tests.conftest import PROJECT_DATA
 
@@ -27,9 +29,77 @@ def test_majority_vote_and_best_of_n():
     assert majority_vote(["5", "3"]) == "5"  # a tie goes to the first seen
     assert majority_vote([None, None]) is None
     assert best_of_n(["a", "b", "c"], [-2.0, -0.5, -1.0]) == "b"
-    curve = accuracy_curve([["1", "2", "2"], ["7", "7", "3"]], ["2", "7"], lambda vote, ref: vote == ref, [1, 3])
-    assert curve == {1: 0.5, 3: 1.0}
+    # problem 1: "1" wins at k=1 (wrong), "2" at k=3 (right); problem 2: "7" right throughout
+    answers = [["1", "2", "2"], ["7", "7", "3"]]
+    correct = [[False, True, True], [True, True, False]]
+    clusters = [cluster_answers(a, str.__eq__, c) for a, c in zip(answers, correct)]
+    assert clusters == [[0, 1, 1], [0, 0, 1]]
+    assert accuracy_curve(answers, clusters, correct, [1, 3]) == {1: 0.5, 3: 1.0}
     assert tokens_curve([[3, 5, 7], [10, 0, 2]], [1, 3]) == {1: 6.5, 3: 13.5}  # (3+10)/2, (15+12)/2
+
+
+def test_answers_that_mean_the_same_vote_together():
+    equal = lambda a, b: check("math", f"\\boxed{{{a}}}", b)  # noqa: E731 - the grader's own relation
+    assert cluster_answers(["0.5", "\\frac12", "3", "1/2", None, "3"], equal) == [0, 0, 1, 0, None, 1]
+    assert majority_vote(["0.5", "\\frac12", "3", "1/2", "3"]) == "3"  # by spelling, 1/2 split three ways and lost
+    assert majority_correct("math", ["\\boxed{0.5}", "\\boxed{\\frac12}", "\\boxed{3}", "\\boxed{1/2}", "\\boxed{3}"], "1/2")
+
+
+def test_the_vote_is_graded_like_its_members():
+    # each \\boxed{48} is correct against 48^\\circ; the old vote re-boxed "48" and lost that
+    assert majority_correct("math", ["\\boxed{48}"] * 3 + ["\\boxed{47}"] * 2, "48^\\circ")
+    # mixed numbers, spaced or not, are one answer: 3 votes against 2
+    mixed = ["\\boxed{12 \\frac{3}{5}}", "\\boxed{7}", "\\boxed{12\\frac{3}{5}}", "\\boxed{7}", "\\boxed{\\frac{63}{5}}"]
+    result = majority("math", mixed, "12\\frac{3}{5}")
+    assert result.correct and result.count == 3 and result.answer == "12 \\frac{3}{5}"
+    assert result.tally == {"12 \\frac{3}{5}": 3, "7": 2}
+    assert not majority_correct("math", ["\\boxed{5}", "\\boxed{7}", "\\boxed{7}"], "5")
+
+
+def test_hedged_completions_do_not_vote():
+    # three hedges whose last box is the right 5 would have won the old vote; they are not answers
+    completions = ["\\boxed{6} or \\boxed{5}"] * 3 + ["\\boxed{6}"] * 2
+    result = majority("math", completions, "5")
+    assert result.answer == "6" and result.count == 2 and not result.correct
+    assert majority("math", ["\\boxed{6} or \\boxed{5}"], "5") == vote([None], [None], [False])  # no vote at all
+
+
+def test_ties_go_to_the_answer_seen_first_and_prefixes_vote_alone():
+    answers, correct = ["4", "5", "5", "4"], [True, False, False, True]
+    clusters = cluster_answers(answers, str.__eq__, correct)
+    assert vote(answers, clusters, correct).correct  # 2-2: "4" came first
+    assert not vote(answers, clusters, correct, k=3).correct  # first three samples: "5" twice
+    assert vote(answers, clusters, correct, k=1).answer == "4"
+
+
+def test_maj_k_never_passes_without_a_correct_sample_on_real_math500_answers():
+    """On MATH-500's own answers: k samples that restate the answer in another notation vote for it."""
+    problems = load_benchmark("math500", PROJECT_DATA / "math500" / "test.jsonl")
+    fractions = [p for p in problems if p["answer"] in ("\\frac{1}{2}", "\\frac{3}{4}", "\\frac{1}{4}")][:2]
+    assert fractions
+    for problem in fractions:
+        numerator, denominator = problem["answer"][6:-1].split("}{")
+        decimal = str(int(numerator) / int(denominator))
+        completions = [f"\\boxed{{{decimal}}}", f"\\boxed{{{numerator}/{denominator}}}", "\\boxed{2}", "\\boxed{2}"]
+        assert majority_correct("math", completions, problem["answer"])  # 2 by meaning, a tie won by the first
+        assert not majority_correct("math", ["\\boxed{2}"] + completions, problem["answer"])
+
+
+def test_eval_rows_and_the_compute_curve_vote_by_meaning():
+    from types import SimpleNamespace
+
+    from budget_reasoner.eval.run import compute_curve, result_row
+
+    problem = {"id": "p", "question": "q", "answer": "48^\\circ"}
+    texts = ["\\boxed{47}", "\\boxed{48}", "\\boxed{48^\\circ}", "\\boxed{47} or \\boxed{48}", "\\boxed{48 degrees}"]
+    samples = [SimpleNamespace(text=text, tokens=10, mean_logprob=-index) for index, text in enumerate(texts)]
+    row = result_row("math", problem, "\\boxed{48}", 5, samples)
+    assert row["correct"] and row["samples_correct"] == [False, True, True, False, True]  # the hedge is wrong
+    assert row["sample_answers"][3] is None and row["sample_clusters"] == [0, 1, 1, None, 1]
+    assert row["votes"] == {"48": 3, "47": 1} and row["majority_answer"] == "48" and row["majority_correct"]
+    assert row["best_of_n_correct"] is False  # the highest log-prob sample says 47
+    # k=1: 47; k=2: a 1-1 tie, won by 47 (seen first); k=4: 48 twice (the hedge abstains); k=5: 48 three times
+    assert [point["accuracy"] for point in compute_curve([row], "math")] == [0.0, 0.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("name, file, rows, first_answer", [

@@ -13,13 +13,13 @@ import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.eval.generation import chat_prompt, generate_texts, generate_with_budget, prompt_texts
-from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, majority_vote, mean, pass_at_k, tokens_curve
+from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, cluster_answers, mean, pass_at_k, tokens_curve, vote
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import finished, mark_complete, read_jsonl, shard_path, write_json, write_jsonl
 from budget_reasoner.models import load_model, load_tokenizer
 from budget_reasoner.train.common import stage_model_paths
-from budget_reasoner.verify import check, extract, grade
+from budget_reasoner.verify import ballot, check, equivalent, grade
 
 
 def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Hardware):
@@ -35,11 +35,6 @@ def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Har
             model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
-
-
-def vote_is_correct(domain: str, vote: str | None, reference: str) -> bool:
-    """A majority-voted (already extracted) answer graded like a completion that boxes it."""
-    return vote is not None and check(domain, f"\\boxed{{{vote}}}", reference)
 
 
 def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
@@ -107,14 +102,18 @@ def result_row(domain: str, problem: dict, completion: str, tokens: int, samples
     row = {"id": problem["id"], "question": problem["question"], "answer": problem["answer"],
            "completion": completion, "tokens": tokens, "correct": verdict.correct, "error": verdict.error}
     if samples:
-        answers = [extract(domain, s.text) for s in samples]
-        vote = majority_vote(answers)
-        best = best_of_n([s.text for s in samples], [s.mean_logprob for s in samples])
-        row |= {"samples": [s.text for s in samples], "sample_tokens": [s.tokens for s in samples],
-                "samples_correct": [check(domain, s.text, problem["answer"]) for s in samples],
-                "sample_answers": answers, "majority_answer": vote,
-                "majority_correct": vote_is_correct(domain, vote, problem["answer"]),
-                "best_of_n_correct": check(domain, best, problem["answer"])}
+        # Every sample graded once; the vote clusters answers by meaning and takes its verdict from them,
+        # so pass@k, maj@k and best-of-k agree on what a correct sample is (hedged samples do not vote).
+        texts = [s.text for s in samples]
+        correct = [check(domain, text, problem["answer"]) for text in texts]
+        answers = [ballot(domain, text) for text in texts]
+        clusters = cluster_answers(answers, lambda a, b: equivalent(domain, a, b), correct)
+        majority = vote(answers, clusters, correct)
+        best = best_of_n(list(range(len(samples))), [s.mean_logprob for s in samples])
+        row |= {"samples": texts, "sample_tokens": [s.tokens for s in samples], "samples_correct": correct,
+                "sample_answers": answers, "sample_clusters": clusters, "votes": majority.tally,
+                "majority_answer": majority.answer, "majority_correct": majority.correct,
+                "best_of_n_correct": correct[best]}
     return row
 
 
@@ -153,8 +152,11 @@ def compute_curve(rows: list[dict], domain: str) -> list[dict]:
     """maj@k and the tokens generated per problem for k = 1, 2, 4, ..., k: the test-time compute trade."""
     k = len(rows[0]["sample_answers"])
     budgets = sorted({1, *[2**i for i in range(1, k.bit_length()) if 2**i <= k], k})
-    accuracy = accuracy_curve([r["sample_answers"] for r in rows], [r["answer"] for r in rows],
-                              lambda vote, reference: vote_is_correct(domain, vote, reference), budgets)
+    # rows written before votes were clustered by meaning (a resumed eval) cluster by spelling
+    clusters = [r.get("sample_clusters") or cluster_answers(r["sample_answers"], str.__eq__, r["samples_correct"])
+                for r in rows]
+    accuracy = accuracy_curve([r["sample_answers"] for r in rows], clusters, [r["samples_correct"] for r in rows],
+                              budgets)
     tokens = tokens_curve([r["sample_tokens"] for r in rows], budgets)
     return [{"samples": n, "accuracy": accuracy[n], "tokens_per_problem": tokens[n]} for n in budgets]
 

@@ -1,0 +1,74 @@
+"""The math-verify worker: a child process that parses and compares answers, one JSON line at a time.
+
+    python -m budget_reasoner.verify._worker
+
+Started by `verify/symbolic.py`, never by hand. It is a plain `python -m` child talking over pipes, not a
+multiprocessing worker, so it never imports the caller's `__main__` (a script without a main guard, a
+heredoc, a notebook all work). math-verify's own timeouts use signals, so they are off here: the parent
+kills this process when a comparison runs past its deadline and starts a fresh one when next needed.
+
+Protocol (one JSON object per line, UTF-8):
+    ready:    {"ready": true}                      (or {"fatal": "why"}, then exit) once math-verify is imported
+    request:  {"gold": "<reference>", "pred": "<answer>" | null}
+    replies:  {"gold": "math" | "text" | "invalid"}  as soon as the reference is parsed (cached), then,
+              when pred is given and the reference is usable, {"equal": true | false}
+The first reply lets the parent tell a reference that hangs the parser from a prediction that does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import sys
+from functools import lru_cache
+
+# Characters that say "this is notation, not a word": a reference with them that math-verify cannot
+# parse as math is broken notation (an error), while plain words ("Evelyn") compare as strings.
+_NOTATION = re.compile(r"[\\{}^_()\[\]=+*/]")
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the caller's terminal is the caller's to handle
+    out = sys.stdout
+    try:
+        from math_verify import parse, verify
+    except Exception as error:  # noqa: BLE001 - reported to the parent as one line, whatever it is
+        out.write(json.dumps({"fatal": f"cannot import math_verify: {error}"}) + "\n")
+        out.flush()
+        return
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # "timeout disabled": ours is outside
+
+    @lru_cache(maxsize=2048)  # eval grades k samples against one reference: parse it once
+    def parse_gold(reference: str):
+        gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=None)
+        if any(not isinstance(item, str) for item in gold):
+            return "math", gold
+        if not gold or _NOTATION.search(reference):
+            return "invalid", None
+        return "text", gold
+
+    out.write('{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:  # EOF (the parent closed the pipe or exited) ends the worker quietly
+        request = json.loads(line)
+        try:
+            kind, gold = parse_gold(request["gold"])
+        except Exception:  # noqa: BLE001 - RecursionError, lark and sympy errors: an unusable reference
+            kind, gold = "invalid", None
+        out.write(json.dumps({"gold": kind}) + "\n")
+        out.flush()
+        if request.get("pred") is None or kind == "invalid":
+            continue
+        try:
+            target = parse(f"\\boxed{{{request['pred']}}}", parsing_timeout=None)
+            equal = bool(target) and bool(verify(gold, target, timeout_seconds=None))  # gold first: order matters
+        except Exception:  # noqa: BLE001 - a prediction that breaks the parser is simply not equal
+            equal = False
+        out.write(json.dumps({"equal": equal}) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
