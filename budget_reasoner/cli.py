@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ import typer
 import yaml
 
 from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.io import NO_SPACE, disk_full_message, free_bytes, run_lock
 
 app = typer.Typer(
     help="Turn a small open model into a narrow-domain reasoner on one GPU (or the CPU): "
@@ -25,21 +27,45 @@ SET_HELP = "Override a preset value, e.g. --set sft.max_steps=50 (repeatable)."
 REPORT_HELP = "Where to log training: 'none' or 'wandb' (honours WANDB_MODE=offline)."
 
 
+LOW_SPACE = 64 * 2**20  # bytes free under which a failed write is taken to be the full disk's doing
+
+
 def friendly_errors(command):
-    """Bad input ends in one line, not a traceback; Ctrl-C says what was kept."""
+    """Bad input ends in one line, not a traceback; Ctrl-C and a full disk say what was kept.
+
+    A command with an --out folder holds its lock (io.run_lock) from the start, before any model loads: a
+    second writer of the same run, or an --out that is a file, is refused in one line straight away."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        out = kwargs.get("out")
         try:
-            return command(*args, **kwargs)
+            with run_lock(out) if out is not None else contextlib.nullcontext():
+                return command(*args, **kwargs)
         except BudgetReasonerError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished shards and checkpoints are kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
+        except Exception as error:
+            if not disk_is_full(error, out):
+                raise  # a bug: keep its traceback
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            typer.echo(f"error: {disk_full_message(out or getattr(error, 'filename', None) or 'the output folder')} "
+                       f"({detail})", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def disk_is_full(error: Exception, out: Path | None) -> bool:
+    """ENOSPC/EDQUOT, or any failure while the disk holding --out is (nearly) full: torch.save and safetensors
+    report a failed write as a RuntimeError without the errno."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        return True
+    free = free_bytes(out) if out is not None else None
+    return free is not None and free < LOW_SPACE
 
 
 def _preset(name: str, overrides: list[str] | None, options: dict | None = None):

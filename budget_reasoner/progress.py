@@ -26,7 +26,7 @@ def progress_bar() -> Progress:
 
 
 def say(message: str) -> None:
-    console.print(message, highlight=False)
+    console.print(message, highlight=False, soft_wrap=True)  # a log line: never cut a path at the console's width
 
 
 def quiet_libraries() -> None:

@@ -27,7 +27,7 @@ from budget_reasoner.generate import generate
 from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, write_problems
 from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, is_complete, mark_complete, read_json, write_json, write_jsonl
+from budget_reasoner.io import LOCK, finished, is_complete, mark_complete, read_json, write_json, write_jsonl, writes_folder
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
 from budget_reasoner.train.distill import cache_teacher_topk, distill
@@ -54,7 +54,7 @@ def claim_run_folder(out: Path, preset: Preset, domain: str) -> None:
                 f"settings; pass a new --out folder, or delete {out} to start over"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(path.name != LOCK for path in out.iterdir()):
         raise BudgetReasonerError(f"{out} is not empty and holds no run.json; pass a new --out folder")
     write_json(path, record)
 
@@ -70,6 +70,7 @@ def needs_bootstrap(preset: Preset) -> bool:
     return preset.model.student == "tiny-student" or preset.model.teacher == "tiny-teacher"
 
 
+@writes_folder("out")
 def run_bootstrap(out: Path, preset: Preset) -> dict:
     models_dir = out / "models"
     if (record := finished(models_dir, "bootstrap", "COMPLETE.json")) is not None:
@@ -90,6 +91,7 @@ def make_teacher(teacher: str, preset: Preset, hardware: Hardware):
     return TransformersTeacher(model, tokenizer, Path(teacher).name, preset.generate.batch_size)
 
 
+@writes_folder("out")
 def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
                gpu_hour_price: float | None = None) -> dict:
     """Run the whole recipe into `out` and write the report. Returns the report as a dict.

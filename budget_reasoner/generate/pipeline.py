@@ -5,8 +5,8 @@ Folder written (`out`):
     chains/shard-00000.jsonl ...                    every sampled chain with the verifier's verdict and its tokens
     sft/train.jsonl                                 prompt / completion (TRL conversational)
     pairs/train.jsonl                               prompt / chosen / rejected (TRL conversational)
-Chains are written a shard of problems at a time; a rerun skips finished shards, so Ctrl-C loses at
-most the shard in flight.
+Chains are written a shard of problems at a time; a rerun skips finished shards, so Ctrl-C, a kill or a
+full disk loses at most the shard in flight.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.eval.generation import chat_prompt
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.hardware import PeakMemory
-from budget_reasoner.io import finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path, write_json, write_jsonl
+from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
+                                write_json, write_jsonl, writes_folder)
 from budget_reasoner.progress import say
 from budget_reasoner.verify import check
 
@@ -77,6 +78,7 @@ def write_problems(folder: Path, preset: Preset, domain: str = "math") -> tuple[
     return train_rows, held_rows
 
 
+@writes_folder("out")
 def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
     """Sample `samples_per_problem` chains per training problem from `teacher`, verify, build SFT set and pairs.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -66,17 +68,52 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
     )
 
 
+def checkpoint_is_complete(checkpoint: Path, step: int) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint is whole when that file is, and names its step."""
+    try:
+        state = read_json(checkpoint / "trainer_state.json")
+    except BudgetReasonerError:  # missing, or cut off mid-write
+        return False
+    return state.get("global_step") == step
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that finished writing. Newer, incomplete ones are set aside (renamed, kept).
+
+    A run killed (SIGKILL, the OOM killer) or stopped by a full disk while saving leaves checkpoint-N without
+    its trainer_state.json. transformers' get_last_checkpoint picks the highest N regardless, and resuming
+    from it then fails on the missing file on every rerun. The renamed folder no longer matches the Trainer's
+    `checkpoint-*` pattern, so neither resuming nor checkpoint rotation touches it."""
+    if not checkpoints.is_dir():
+        return None
+    numbered = sorted(((int(match[1]), path) for path in checkpoints.iterdir()
+                       if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))), reverse=True)
+    for step, path in numbered:
+        if checkpoint_is_complete(path, step):
+            return path
+        aside = path.with_name(f"incomplete-{path.name}")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "-again")
+        os.replace(path, aside)
+        say(f"{path} was cut off while being written (killed, or a full disk: no complete trainer_state.json); "
+            f"set aside as {aside.name} (removed with the checkpoints once the stage completes; delete it sooner to "
+            f"free space)")
+    return None
+
+
 def train_with_resume(trainer, output_dir: Path) -> dict:
-    """Train, resuming from the newest checkpoint of an interrupted run.
+    """Train, resuming from the newest complete checkpoint of an interrupted run.
 
     Returns what the stage record keeps of the run: the log `history`, the wall `seconds` of this
     session's training, the input `tokens` seen and the `peak_memory_bytes`."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     checkpoints = output_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    had_checkpoints = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    last = last_complete_checkpoint(checkpoints)
     if last:
         say(f"resuming from {last}")
+    elif had_checkpoints:
+        say(f"{output_dir}: no complete checkpoint to resume from; training from the start")
+    last = str(last) if last else None
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
@@ -101,22 +138,55 @@ def save_stage(output_dir: Path, model, tokenizer, base: str, run: dict, info: d
     else:
         model.save_pretrained(output_dir / "adapter")
     tokenizer.save_pretrained(output_dir / "adapter")
-    record = {"base": str(base), "adapter": "adapter", **run, **info}
+    record = {"base": recorded_base(base, output_dir), "adapter": "adapter", **run, **info}
     write_json(output_dir / "stage.json", record)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     mark_complete(output_dir, {key: value for key, value in record.items() if key != "history"})
     return record
 
 
+# A stage records its base model so that the run folder can move (another disk, a Drive mounted elsewhere,
+# commands run from another directory): a local folder inside the run folder (the folder that holds the
+# stage: OUT of a quickstart) is written relative to the stage folder, "../models/student-base"; any other
+# local folder as an absolute path (never relative to the working directory, which changes); a hub id as given.
+
+def recorded_base(base: str | Path, stage_dir: Path) -> str:
+    """How `stage_dir/stage.json` names its base model (see above)."""
+    path = Path(base)
+    if not path.exists():
+        return str(base)  # a hub id
+    path, stage_dir = path.resolve(), Path(stage_dir).resolve()
+    if not path.is_relative_to(stage_dir.parent):
+        return str(path)
+    relative = Path(os.path.relpath(path, stage_dir)).as_posix()
+    return relative if relative.startswith("..") else f"./{relative}"
+
+
+def resolve_recorded_base(value: str, stage_dir: Path) -> str:
+    """A recorded base as a name to load: "./" and "../" paths resolve against the stage folder; anything else is
+    an absolute path or a hub id (or, in records older than relocatable runs, a path from the working directory)."""
+    if not value.startswith(("./", "../")):
+        return value
+    path = (Path(stage_dir) / value).resolve()
+    if not path.exists():
+        raise BudgetReasonerError(
+            f"{Path(stage_dir) / 'stage.json'}: its base model {value!r} (relative to the stage folder) is not at {path}; "
+            f"move a run folder as a whole, or copy the base model back there"
+        )
+    return str(path)
+
+
 def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
-    """(base model path, adapter folder) of a finished stage; a plain model folder is its own base."""
+    """(base model, adapter folder) of a finished stage; a plain model folder is its own base.
+
+    Local paths come back absolute, so they mean the same from any working directory."""
     stage_dir = Path(stage_dir)
     if (stage_dir / "stage.json").is_file():
         record = read_json(stage_dir / "stage.json")
-        return record["base"], stage_dir / record["adapter"]
+        return resolve_recorded_base(record["base"], stage_dir), stage_dir / record["adapter"]
     if (stage_dir / "adapter_config.json").is_file():
         return read_json(stage_dir / "adapter_config.json")["base_model_name_or_path"], stage_dir
-    return str(stage_dir), None
+    return str(stage_dir.resolve()) if stage_dir.exists() else str(stage_dir), None
 
 
 def load_for_training(stage_or_model: str | Path, preset, hardware):

@@ -24,7 +24,7 @@ from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
-                                write_jsonl)
+                                write_jsonl, writes_folder)
 from budget_reasoner.kernels import fused_linear_kd_loss, linear_topk_logprobs
 from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
 from budget_reasoner.memory import teacher_cache_batch
@@ -43,6 +43,7 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+@writes_folder("cache_dir")
 @torch.no_grad()
 def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path, preset: Preset,
                        hardware: Hardware | None = None) -> dict:
@@ -136,6 +137,7 @@ class KDTrainer(Trainer):
         return sum(int((batch["kd_labels"] != -100).sum()) for batch in batch_samples)
 
 
+@writes_folder("out")
 def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
             report_to: str = "none") -> dict:
     """Continue the student (a stage folder with an adapter) on the teacher's cached top-k distribution."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, read_jsonl
+from budget_reasoner.io import finished, read_jsonl, writes_folder
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
 from budget_reasoner.train.common import load_for_training, save_stage, stage_info, train_with_resume, training_arguments
@@ -47,6 +47,7 @@ def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Pres
     return trainer, tokenizer, base, len(rows)
 
 
+@writes_folder("out")
 def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: Hardware | None = None,
         report_to: str = "none") -> dict:
     """Continue the SFT adapter with DPO on `pairs_file`; write the new adapter (same base) to `out`."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from budget_reasoner.config import Preset
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, read_jsonl
+from budget_reasoner.io import finished, read_jsonl, writes_folder
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
 from budget_reasoner.train.common import (load_for_training, save_stage, stage_info, train_with_resume, training_arguments,
@@ -37,6 +37,7 @@ def fused_sft_trainer_class():
     return FusedLossSFTTrainer
 
 
+@writes_folder("out")
 def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
         report_to: str = "none") -> dict:
     """Fine-tune `student` (a model path or hub id) with a fresh LoRA adapter on `sft_file` (JSONL); write to `out`."""
