@@ -119,9 +119,9 @@ def test_boxed_contents_is_one_linear_pass():
 @pytest.mark.parametrize("completion", [
     "\\boxed{" * 7_000,
     "\\boxed{" + "{" * 24_000 + "1" + "}" * 24_000 + "}",  # nesting too deep to hand to sympy
-    "\\boxed{\\frac{" * 4_000 + "1",
+    "\\boxed{\\frac{" * 3_800 + "1",
     "\\boxed{1}" * 5_000,  # 5,000 boxes, all the same
-    "".join(f"\\boxed{{{i}}}" for i in range(5_000)),  # 5,000 different boxes: hedging
+    "".join(f"\\boxed{{{i}}}" for i in range(4_000)),  # 4,000 different boxes: hedging
     "\\boxed{" + "1+" * 24_000 + "1}",  # a 48 KB answer
     "\n" * 49_000 + "A:",  # \s* across newlines would be quadratic
     "#### " + " " * 49_000,
@@ -130,6 +130,7 @@ def test_boxed_contents_is_one_linear_pass():
     "x" * 1_000_000 + "\\boxed{5}",  # 1 MB: refused on its length
 ])
 def test_adversarial_completions_are_graded_within_a_second(completion):
+    assert len(completion) <= 50_000 or len(completion) > 1_000_000  # graded in full, but for the 1 MB one
     check("math", "\\boxed{2}", "\\sqrt{4}")  # the worker warm, as in eval
     started = time.monotonic()
     verdict = grade("math", completion, "\\sqrt{4}")

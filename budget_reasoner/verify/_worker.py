@@ -49,6 +49,10 @@ def main() -> None:
             return "invalid", None
         return "text", gold
 
+    @lru_cache(maxsize=4096)  # k samples often agree, and the vote compares the same answers again
+    def parse_target(answer: str):
+        return parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+
     out.write('{"ready": true}\n')
     out.flush()
     for line in sys.stdin:  # EOF (the parent closed the pipe or exited) ends the worker quietly
@@ -62,7 +66,7 @@ def main() -> None:
         if request.get("pred") is None or kind == "invalid":
             continue
         try:
-            target = parse(f"\\boxed{{{request['pred']}}}", parsing_timeout=None)
+            target = parse_target(request["pred"])
             equal = bool(target) and bool(verify(gold, target, timeout_seconds=None))  # gold first: order matters
         except Exception:  # noqa: BLE001 - a prediction that breaks the parser is simply not equal
             equal = False
