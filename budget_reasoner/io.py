@@ -134,11 +134,14 @@ def free_bytes(folder: Path) -> int | None:
 # ---- one writer per folder ------------------------------------------------------------------------------
 # A run folder being written holds LOCK.json: the writer's PID, host and command. A second writer (another
 # process, on the folder, inside it or around it) is refused with one line naming the first. A lock whose PID
-# is dead on this host was left by a killed run (SIGKILL, OOM, a reboot) and is taken over; a lock from another
-# host (a Drive folder shared with Colab) cannot be checked and is honoured. Within one process the lock
-# nests: quickstart holds its run folder while its stages lock their own subfolders under it. Nesting is per
-# thread: another thread of the same process is a second writer like any other.
+# is dead on this host was left by a killed run (SIGKILL, OOM, a reboot) and is taken over. Another host's
+# processes cannot be seen from here (a run folder on Google Drive, written from a Colab VM that has since
+# disconnected), so its holder touches the lock every minute and a lock from another host left untouched for
+# ten is taken over too. Within one process the lock nests: quickstart holds its run folder while its stages
+# lock their own subfolders under it. Nesting is per thread: another thread is a second writer like any other.
 
+HEARTBEAT_SECONDS = 60
+STALE_AFTER_SECONDS = 600  # a lock from another host untouched this long: its machine is gone
 _local = threading.local()
 
 
@@ -182,8 +185,11 @@ def _is_stale(owner: dict, path: Path) -> bool:
             return time.time() - path.stat().st_mtime > 10
         except FileNotFoundError:
             return True
-    if owner.get("host") != socket.gethostname():
-        return False  # another machine's processes cannot be seen from here
+    if owner.get("host") != socket.gethostname():  # another machine: only its heartbeat says it is alive
+        try:
+            return time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+        except FileNotFoundError:
+            return True
     try:
         os.kill(owner["pid"], 0)
     except ProcessLookupError:
@@ -200,6 +206,8 @@ def _refusal(folder: Path, owner: dict, path: Path) -> BudgetReasonerError:
     return BudgetReasonerError(
         f"{folder} is being written by {who}; wait for it to finish or stop it (two writers would mix their "
         f"outputs), or use another --out; if that process is gone, delete {path}"
+        + (" (another machine's lock is taken over after 10 minutes without its heartbeat)"
+           if owner and owner.get("host") != socket.gethostname() else "")
     )
 
 
@@ -230,7 +238,8 @@ def _take(folder: Path) -> None:
                 continue  # released between our two looks
             if not _is_stale(owner, path):
                 raise _refusal(folder, owner, path) from None
-            say(f"{path}: taking over the lock of PID {owner.get('pid', '?')}, which is no longer running")
+            say(f"{path}: taking over the lock of PID {owner.get('pid', '?')} on {owner.get('host', '?')}, "
+                f"which is no longer running")
             if _read_lock(path) == owner:  # not already taken over by a third process in between
                 path.unlink(missing_ok=True)
             continue
@@ -281,12 +290,22 @@ def run_lock(folder: Path):
         _remove_if_empty(folder, created)
         raise
     held[key] = 1
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(folder / LOCK, stop), daemon=True, name=f"lock {folder}").start()
     try:
         yield folder
     finally:
+        stop.set()
         del held[key]
         (folder / LOCK).unlink(missing_ok=True)
         _remove_if_empty(folder, created)
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch the lock while it is held, so another host can tell a live writer from a vanished one."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        with contextlib.suppress(OSError):
+            os.utime(path)
 
 
 def _remove_if_empty(folder: Path, created: bool) -> None:

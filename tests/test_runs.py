@@ -105,12 +105,24 @@ def test_the_lock_nests_within_a_thread_and_refuses_another_thread(tmp_path):
     assert not (tmp_path / "run" / "dpo").exists()  # a refused writer leaves no folder of its making
 
 
-def test_a_lock_from_another_host_is_honoured(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / LOCK).write_text(json.dumps({"pid": 999999999, "host": "colab-vm", "command": "budget-reasoner sft"}))
-    with pytest.raises(BudgetReasonerError, match="PID 999999999 on colab-vm"):
+def test_a_lock_from_another_host_is_honoured_while_its_heartbeat_lasts(tmp_path, monkeypatch, capfd):
+    from budget_reasoner import io
+
+    lock = tmp_path / "run" / LOCK
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": 999999999, "host": "colab-vm", "command": "budget-reasoner sft"}))
+    with pytest.raises(BudgetReasonerError, match="PID 999999999 on colab-vm"):  # its PID means nothing here
         with run_lock(tmp_path / "run"):
             pass
+    an_hour_ago = lock.stat().st_mtime - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))  # that VM disconnected long ago
+    monkeypatch.setattr(io, "HEARTBEAT_SECONDS", 0.05)
+    with run_lock(tmp_path / "run"):
+        assert read_json(lock)["pid"] == os.getpid()
+        os.utime(lock, (an_hour_ago, an_hour_ago))
+        threading.Event().wait(0.5)
+        assert lock.stat().st_mtime > an_hour_ago + 3000  # our own heartbeat keeps it fresh
+    assert "taking over the lock of PID 999999999" in capfd.readouterr().err
 
 
 def test_two_generate_runs_at_once_on_one_folder(tmp_path, tiny_preset):
