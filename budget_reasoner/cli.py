@@ -244,14 +244,24 @@ def eval_command(
 
 @presets_app.command("recommend")
 @friendly_errors
-def presets_recommend():
-    """The preset `--preset auto` picks on this machine, and why."""
-    from budget_reasoner.hardware import detect
+def presets_recommend(
+    vram_gib: Optional[float] = typer.Option(None, min=0.1, help="Answer for a card with this much memory, in GiB as "
+                                             "torch reports it (total_memory / 2**30), assumed to have bf16; no GPU needed."),
+    gpu: Optional[str] = typer.Option(None, help="Answer for a card of the table in hardware.py: t4, rtx3060, rtx4060ti, "
+                                      "rtx3090, rtx4090, l4, a10g, a100-40gb, a100-80gb, h100, l40s, h200, ..."),
+):
+    """The preset `--preset auto` picks on this machine (or on the card given), and why."""
+    from budget_reasoner.hardware import Hardware, card, detect
     from budget_reasoner.memory import recommend_preset
 
-    hardware = detect()
+    if gpu is not None:
+        hardware = card(gpu).hardware()
+    elif vram_gib is not None:
+        hardware = Hardware("cuda", f"a {vram_gib:g} GiB card", vram_gib, (8, 0), "bitsandbytes")
+    else:
+        hardware = detect()
     name, why = recommend_preset(hardware)
-    typer.echo(f"{name}: {why} ({hardware.describe()})")
+    typer.echo(f"{name}: {why}" + ("" if gpu or vram_gib else f" ({hardware.describe()})"))
 
 
 @app.command()

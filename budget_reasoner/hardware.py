@@ -13,7 +13,7 @@ import torch
 class Hardware:
     device: str  # "cuda" | "cpu"
     name: str
-    total_memory_gb: float | None  # VRAM for CUDA; None on CPU
+    total_memory_gb: float | None  # VRAM in GiB as torch reports it (get_device_properties().total_memory); None on CPU
     compute_capability: tuple[int, int] | None
     backend: str  # "unsloth" | "bitsandbytes" | "cpu"
 
@@ -23,7 +23,7 @@ class Hardware:
 
     def describe(self) -> str:
         if self.device == "cuda":
-            return f"{self.name} ({self.total_memory_gb:.0f} GB, sm_{self.compute_capability[0]}{self.compute_capability[1]}), backend {self.backend}"
+            return f"{self.name} ({self.total_memory_gb:.2f} GiB, sm_{self.compute_capability[0]}{self.compute_capability[1]}), backend {self.backend}"
         return f"CPU ({os.cpu_count()} cores), backend {self.backend}"
 
 
@@ -58,8 +58,61 @@ def detect(requested: str = "auto", backend: str = "auto") -> Hardware:
 
 
 def hardware_for(preset) -> Hardware:
-    """The machine a preset runs on: its device and backend settings resolved against what is present."""
-    return detect(preset.device, preset.model.backend)
+    """The machine a preset runs on: its device and backend settings resolved against what is present. On a GPU
+    a preset sized for one (vram_gb > 0) must fit this card: checked here, before any model loads."""
+    hardware = detect(preset.device, preset.model.backend)
+    if hardware.device == "cuda" and preset.vram_gb > 0:
+        from budget_reasoner.memory import check_preset_fits
+
+        check_preset_fits(preset, hardware)
+    return hardware
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU as torch sees it: the name and total memory of get_device_properties(0), its compute capability."""
+
+    key: str  # what `presets recommend --gpu` takes
+    name: str
+    total_gib: float  # total_memory / 2**30: below the nominal GB (GB vs GiB, and memory the driver reserves)
+    capability: tuple[int, int]
+
+    def hardware(self, backend: str = "bitsandbytes") -> Hardware:
+        return Hardware("cuda", self.name, self.total_gib, self.capability, backend)
+
+
+# What torch.cuda.get_device_properties(0).total_memory reports on common cards (GiB), well-known figures; a
+# preset is chosen by what the estimator says fits this, not by the GB on the box. bf16 needs sm_80 or later.
+CARDS = (
+    Card("rtx4060", "NVIDIA GeForce RTX 4060", 7.63, (8, 9)),  # an 8 GB card
+    Card("rtx3060", "NVIDIA GeForce RTX 3060", 11.76, (8, 6)),  # the 12 GB one
+    Card("t4", "Tesla T4", 14.75, (7, 5)),  # Colab's free card: no bf16
+    Card("rtx4060ti", "NVIDIA GeForce RTX 4060 Ti", 15.6, (8, 9)),  # the 16 GB one
+    Card("a10g", "NVIDIA A10G", 21.99, (8, 6)),
+    Card("l4", "NVIDIA L4", 22.18, (8, 9)),
+    Card("rtx3090", "NVIDIA GeForce RTX 3090", 23.69, (8, 6)),
+    Card("rtx4090", "NVIDIA GeForce RTX 4090", 23.99, (8, 9)),
+    Card("a100-40gb", "NVIDIA A100-SXM4-40GB", 39.39, (8, 0)),
+    Card("l40s", "NVIDIA L40S", 44.53, (8, 9)),
+    Card("h100", "NVIDIA H100 80GB HBM3", 79.11, (9, 0)),
+    Card("a100-80gb", "NVIDIA A100-SXM4-80GB", 79.25, (8, 0)),
+    Card("h200", "NVIDIA H200", 139.8, (9, 0)),
+)
+
+
+def card(name: str) -> Card:
+    """A card of the table by its key or its torch name, spaces, dashes and case aside ("A100 80GB", "rtx-4090")."""
+    from budget_reasoner.errors import BudgetReasonerError
+
+    def squash(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    wanted = squash(name)
+    for entry in CARDS:
+        if wanted in (squash(entry.key), squash(entry.name), squash(entry.name.replace("NVIDIA ", "").replace("GeForce ", ""))):
+            return entry
+    raise BudgetReasonerError(f"--gpu {name!r} is not in the card table; one of {', '.join(c.key for c in CARDS)}, "
+                              f"or pass --vram-gib with what torch.cuda.get_device_properties(0).total_memory / 2**30 says")
 
 
 def import_unsloth():

@@ -1,17 +1,21 @@
 """Peak training memory of a stage, estimated from a model's config and a preset, without loading weights.
 
+Every dtype comes from the stage's plan (plan.py: what is 4-bit, what is upcast, autocast, full or chunked
+logits, the optimizer's state), so a loader change that moves a dtype moves the estimate with it.
 The parts, per stage (sft, dpo, distill), in bytes:
 - base weights: linear layers in NF4 (4 bits + one fp32 absmax per 64 weights, itself 8-bit quantized
-  with double quantization: ~4.13 bits), embeddings and an untied LM head in the compute dtype (bitsandbytes
-  leaves them unquantized); or every weight in the compute dtype without 4-bit;
-- the largest linear layer dequantized for the duration of its matmul (4-bit only);
-- LoRA adapters: fp32 weights and gradients, plus the optimizer's two moments (fp32, or 8-bit);
+  with double quantization: ~4.13 bits), embeddings and an untied LM head at the plan's dtype for them
+  (bitsandbytes leaves them unquantized; norms and biases, under 0.1% of the bytes, are left out); or every
+  weight in the compute dtype without 4-bit;
+- the largest linear layer dequantized for the duration of its matmul (4-bit only), and under autocast a
+  compute-dtype copy of an LM head stored wider (autocast casts a frozen weight again on every forward);
+- LoRA adapters: weights and gradients at the plan's LoRA dtype (fp32), plus the optimizer's state;
 - activations saved for the backward: per token per layer about 8*hidden + 2*kv + 4*intermediate
-  values (the norms' inputs, q/k/v/output for attention, gate/up/act for the MLP); with gradient
-  checkpointing one hidden vector per layer plus one layer's worth recomputed; eager attention adds
-  the heads x T x T scores;
-- logits: tokens x vocab x 14 bytes in bf16 (logits, their fp32 copy, fp32 log-softmax and gradient),
-  or one chunk of fp32 logits with the fused loss (DPO in TRL always uses its chunked LM head);
+  values (the norms' inputs, q/k/v/output for attention, gate/up/act for the MLP), the hidden-sized ones
+  at the residual stream's dtype; with gradient checkpointing one hidden vector per layer (in host RAM
+  when the plan offloads them) plus one layer's worth recomputed; eager attention adds the heads x T x T scores;
+- logits: full, tokens x vocab x (logits + their fp32 copy, fp32 log-softmax and gradient); or, chunked, one
+  chunk of fp32 logits (DPO in TRL always uses its chunked LM head);
 - on CUDA, 5% for the caching allocator's fragmentation and a fixed allowance for the CUDA context and
   cuBLAS workspaces (on the CPU, measured with steady malloc settings, neither is needed).
 DPO runs chosen and rejected together (twice the sequences). The teacher's work is estimated too: sampling
@@ -29,12 +33,13 @@ from pathlib import Path
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.kernels.fused_loss import chunk_tokens_for
+from budget_reasoner.plan import DTYPE_BYTES, INFERENCE_STAGES, TRAINING_STAGES, Plan, plan_for
 
 GIB = 2**30
 KNOWN_CONFIGS = Path(__file__).resolve().parent.parent / "data" / "model_configs"
 CUDA_CONTEXT_BYTES = 0.6 * GIB  # context + cuBLAS/cuDNN workspaces; not in max_memory_allocated but on the card
 FRAGMENTATION = 1.05  # CUDA's caching allocator rarely packs perfectly
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADROOM = 0.10  # kept free beyond the context and allocator slack the estimate holds: the estimator's own error
 
 
 @dataclass(frozen=True)
@@ -131,29 +136,34 @@ def lora_parameters(shape: ModelShape, preset: Preset) -> int:
     return shape.layers * sum(preset.lora.r * (shapes[name][0] + shapes[name][1]) for name in preset.lora.target_modules if name in shapes)
 
 
-def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sft", device: str = "cuda") -> MemoryEstimate:
-    """Peak memory of one training step of `stage` ("sft", "dpo" or "distill") under `preset`."""
+def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sft", device: str = "cuda",
+                             plan: Plan | None = None) -> MemoryEstimate:
+    """Peak memory of one training step of `stage` ("sft", "dpo" or "distill") under `preset`, as `plan` runs it
+    (default: the plan of that stage on a CUDA card with the bitsandbytes backend)."""
+    plan = plan or plan_for(preset, stage, device)
     settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill}[stage]
-    compute = 4 if device == "cpu" else DTYPE_BYTES[preset.quantization.compute_dtype]
+    compute, residual = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.residual_dtype]
     tokens = settings.batch_size * preset.model.max_length * (2 if stage == "dpo" else 1)
-    estimate = _with_weights(shape, preset, compute)
+    estimate = _with_weights(shape, plan)
     parts = estimate.parts
+    if plan.autocast_dtype and plan.embeddings_dtype != plan.autocast_dtype:
+        parts["LM head cast (autocast)"] = shape.vocab * shape.hidden * DTYPE_BYTES[plan.autocast_dtype]
     lora = lora_parameters(shape, preset)
-    optimizer_bytes = 2 if "8bit" in settings.optimizer else 8
-    parts["LoRA weights + grads + optimizer"] = lora * (4 + 4 + optimizer_bytes)
-    per_token_layer = (8 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * compute
+    parts["LoRA weights + grads + optimizer"] = lora * (2 * DTYPE_BYTES[plan.lora_dtype] + plan.optimizer_state_bytes)
+    per_token_layer = 8 * shape.hidden * residual + (2 * shape.kv_dim + 4 * shape.intermediate) * compute
     if settings.gradient_checkpointing:
-        parts["activations (checkpointed)"] = tokens * (shape.layers * shape.hidden * compute + per_token_layer)
+        kept = 0 if plan.offload_checkpoints else tokens * shape.layers * shape.hidden * residual
+        parts["activations (checkpointed)"] = kept + tokens * per_token_layer
     else:
         parts["activations"] = tokens * shape.layers * per_token_layer
     if preset.model.attention == "eager":
         parts["attention scores (eager)"] = (settings.batch_size * (2 if stage == "dpo" else 1) * shape.heads
                                              * preset.model.max_length**2 * (compute + 4) * (1 if settings.gradient_checkpointing else shape.layers))
-    fused = settings.fused_loss or stage in ("dpo", "distill")  # TRL's DPO and our distill are chunked already
-    if fused:
+    if plan.logits == "chunked":
         parts["logits (fused, one chunk)"] = min(tokens, chunk_tokens_for(shape.vocab)) * shape.vocab * 4
     else:
-        parts["logits + loss"] = tokens * shape.vocab * (compute + 4 + 4 + (4 if compute == 2 else 0))
+        logits = DTYPE_BYTES[plan.logits_dtype]
+        parts["logits + loss"] = tokens * shape.vocab * (logits + 4 + 4 + (4 if logits == 2 else 0))
     return _with_cuda_overheads(estimate, device)
 
 
@@ -168,8 +178,11 @@ def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "ge
     "generate" (the teacher samples chains) and "eval" (the student answers) decode `batch_size` sequences
     together, each one's KV cache at its longest; "cache" is distill's one no-grad forward of the teacher for
     the top-k cache (a quarter of `generate.batch_size` sequences)."""
-    compute = 4 if device == "cpu" else DTYPE_BYTES[preset.quantization.compute_dtype]
-    estimate = _with_weights(shape, preset, compute)
+    if task not in INFERENCE_STAGES:
+        raise BudgetReasonerError(f"inference task must be generate, cache or eval, got {task!r}")
+    plan = plan_for(preset, task, device)
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    estimate = _with_weights(shape, plan)
     parts = estimate.parts
     layer_transient = 4 * shape.hidden + 3 * shape.intermediate  # one layer's values per token, freed as it goes
     if task in ("generate", "eval"):
@@ -184,17 +197,16 @@ def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "ge
         parts["forward (one layer, no grad)"] = tokens * layer_transient * compute
         parts["final hidden states"] = tokens * shape.hidden * compute
         parts["top-k logits (one chunk)"] = chunk_tokens_for(shape.vocab) * shape.vocab * 4 * 2
-    else:
-        raise BudgetReasonerError(f"inference task must be generate, cache or eval, got {task!r}")
     return _with_cuda_overheads(estimate, device)
 
 
-def _with_weights(shape: ModelShape, preset: Preset, compute: int) -> MemoryEstimate:
+def _with_weights(shape: ModelShape, plan: Plan) -> MemoryEstimate:
     estimate = MemoryEstimate()
     parts = estimate.parts
-    if preset.quantization.load_in_4bit:
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    if plan.four_bit:
         parts["base weights (NF4)"] = shape.linear_parameters * (4.127 / 8)
-        parts["embeddings / LM head"] = shape.embedding_parameters * compute
+        parts["embeddings / LM head"] = shape.embedding_parameters * DTYPE_BYTES[plan.embeddings_dtype]
         parts["dequantized layer (transient)"] = max(a * b for a, b in shape.linear_shapes().values()) * compute
     else:
         parts["base weights"] = shape.parameters * compute
@@ -209,8 +221,6 @@ def _with_cuda_overheads(estimate: MemoryEstimate, device: str) -> MemoryEstimat
     return estimate
 
 
-TRAINING_STAGES = ("sft", "dpo", "distill")
-INFERENCE_STAGES = ("generate", "cache", "eval")
 TEACHER_STAGES = ("generate", "cache")  # the teacher samples and is cached; the student trains and is evaluated
 
 
@@ -224,7 +234,7 @@ def estimate_stage(preset: Preset, stage: str, model: str | None = None) -> tupl
     return model, estimate_inference_memory(read_model_shape(model), preset, stage)
 
 
-def preset_fits(preset: Preset, vram_gb: float, headroom: float = 0.10) -> tuple[bool, dict[str, MemoryEstimate]]:
+def preset_fits(preset: Preset, vram_gb: float, headroom: float = HEADROOM) -> tuple[bool, dict[str, MemoryEstimate]]:
     """Whether every stage of `preset` fits `vram_gb` with `headroom`, and the estimates. A server teacher
     (openai:MODEL) runs elsewhere: its generation and cache are not this card's."""
     stages = TRAINING_STAGES + INFERENCE_STAGES
@@ -234,18 +244,56 @@ def preset_fits(preset: Preset, vram_gb: float, headroom: float = 0.10) -> tuple
     return all(e.fits(vram_gb, headroom) for e in estimates.values()), estimates
 
 
+def largest_stage(estimates: dict[str, MemoryEstimate]) -> tuple[str, MemoryEstimate]:
+    return max(estimates.items(), key=lambda item: item[1].total)
+
+
 def recommend_preset(hardware) -> tuple[str, str]:
-    """(preset name, why): on a GPU the largest shipped preset sized for no more than its memory that the
-    estimator says fits with 10% headroom; on the CPU, cpu-tiny."""
+    """(preset name, why): on a GPU the largest shipped GPU preset whose every stage the estimator says fits the
+    memory torch reports (GiB; its estimates hold the CUDA context and allocator slack) with 10% headroom, not the
+    GB it is named for; a card without bf16 (before sm_80) takes an fp16 preset. On the CPU, cpu-tiny."""
     from budget_reasoner.config import available_presets, load_preset
 
     if hardware.device != "cuda":
         return "cpu-tiny", "no CUDA GPU: the offline CPU preset"
-    candidates = sorted((load_preset(name) for name in available_presets()), key=lambda p: p.vram_gb, reverse=True)
-    for preset in candidates:
-        if 0 < preset.vram_gb <= hardware.total_memory_gb and preset_fits(preset, hardware.total_memory_gb)[0]:
-            return preset.name, f"{hardware.name} has {hardware.total_memory_gb:.0f} GiB; {preset.name} is sized for {preset.vram_gb:g} GiB and fits with 10% headroom"
-    return "cpu-tiny", f"{hardware.name} has {hardware.total_memory_gb:.0f} GiB, less than any GPU preset needs"
+    card = f"{hardware.name} ({hardware.total_memory_gb:.2f} GiB as torch reports it)"
+    presets = sorted((load_preset(name) for name in available_presets()), key=lambda p: p.vram_gb, reverse=True)
+    fitting = [p for p in presets if p.vram_gb > 0 and preset_fits(p, hardware.total_memory_gb)[0]]
+    if hardware.supports_bf16:  # the fp16 presets are for cards without bf16
+        chosen = next((p for p in fitting if p.quantization.compute_dtype != "float16"), None)
+    else:  # fp16 presets first; a bf16 one only with the override it needs
+        chosen = next((p for p in fitting if p.quantization.compute_dtype != "bfloat16"), None)
+        if chosen is None and fitting:
+            return fitting[0].name, (f"{card} has no bf16 (sm_{hardware.compute_capability[0]}{hardware.compute_capability[1]}): "
+                                     f"run {fitting[0].name} with --set quantization.compute_dtype=float16")
+    if chosen is None:
+        return "cpu-tiny", f"{card} is smaller than any GPU preset's estimate with 10% headroom"
+    stage, peak = largest_stage(preset_fits(chosen, hardware.total_memory_gb)[1])
+    return chosen.name, (f"{card}: {chosen.name}'s largest stage ({stage}) is estimated at {peak.total / GIB:.1f} GiB, "
+                         f"{peak.total / (hardware.total_memory_gb * GIB):.0%} of it (10% headroom kept)")
+
+
+def check_preset_fits(preset: Preset, hardware) -> None:
+    """Refuse, in one line and before any model loads, a preset this card cannot run: a stage whose estimate does
+    not fit its memory, or bf16 compute on a card without bf16. A model whose config cannot be read is not checked."""
+    name, capability = hardware.name, hardware.compute_capability
+    if preset.quantization.compute_dtype == "bfloat16" and not hardware.supports_bf16:
+        raise BudgetReasonerError(
+            f"preset {preset.name} computes in bfloat16, which {name} (sm_{capability[0]}{capability[1]}) lacks; "
+            f"add --set quantization.compute_dtype=float16, or use --preset {recommend_preset(hardware)[0]}"
+        )
+    try:
+        fits, estimates = preset_fits(preset, hardware.total_memory_gb)
+    except BudgetReasonerError:
+        return
+    if not fits:
+        stage, peak = largest_stage(estimates)
+        suggestion, _ = recommend_preset(hardware)
+        raise BudgetReasonerError(
+            f"preset {preset.name} does not fit {name}: its {stage} stage is estimated at {peak.total / GIB:.1f} GiB, over "
+            f"{(1 - HEADROOM) * hardware.total_memory_gb:.1f} of its {hardware.total_memory_gb:.1f} GiB (10% headroom); "
+            f"--preset {suggestion} fits it (`budget-reasoner vram --preset {preset.name} --stage {stage}` shows the parts)"
+        )
 
 
 def longest_sequence(shape: ModelShape, preset: Preset, vram_gb: float, stage: str = "sft", headroom: float = 0.10) -> int:

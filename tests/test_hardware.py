@@ -54,3 +54,80 @@ def test_preset_backend_is_validated():
     assert load_preset("cpu-tiny", {"model.backend": "unsloth"}).model.backend == "unsloth"
     with pytest.raises(BudgetReasonerError, match=r"model.backend must be one of auto, unsloth, bitsandbytes, got 'vllm'"):
         load_preset("cpu-tiny", {"model.backend": "vllm"})
+
+
+# Every card of the table: what --preset auto picks from the memory torch reports (old: nominal GB vs GiB).
+CHOSEN = {
+    "rtx4060": "8gb",  # was cpu-tiny: 7.63 GiB < 8
+    "rtx3060": "12gb",  # was 8gb
+    "t4": "t4-16gb",  # was 12gb: bf16 compute on a card without bf16
+    "rtx4060ti": "16gb",  # was t4-16gb
+    "a10g": "24gb", "l4": "24gb", "rtx3090": "24gb", "rtx4090": "24gb",  # were 16gb
+    "a100-40gb": "24gb",
+    "l40s": "48gb",  # was 24gb
+    "h100": "80gb", "a100-80gb": "80gb",  # were 48gb
+    "h200": "80gb",
+}
+
+
+def test_the_card_table_is_what_torch_reports():
+    assert {card.key for card in hardware.CARDS} == set(CHOSEN)
+    for card in hardware.CARDS:  # bf16 exactly from sm_80 on
+        assert card.hardware().supports_bf16 == (card.capability >= (8, 0))
+    assert hardware.card("Tesla T4").total_gib == 14.75 and hardware.card("A100 80GB").key == "a100-80gb"
+    assert hardware.card("RTX-4090").capability == (8, 9)
+    with pytest.raises(BudgetReasonerError, match=r"--gpu 'v100' is not in the card table; one of"):
+        hardware.card("v100")
+
+
+@pytest.mark.parametrize("key", sorted(CHOSEN))
+def test_each_card_gets_the_largest_preset_that_fits_it(key):
+    from budget_reasoner.config import available_presets, load_preset
+    from budget_reasoner.memory import preset_fits, recommend_preset
+
+    card = hardware.card(key)
+    name, why = recommend_preset(card.hardware())
+    assert name == CHOSEN[key], why
+    preset = load_preset(name)
+    assert preset_fits(preset, card.total_gib)[0]  # against the GiB torch reports, not the preset's name
+    assert preset.quantization.compute_dtype == ("bfloat16" if card.capability >= (8, 0) else "float16")
+    for other in map(load_preset, available_presets()):  # and nothing larger for this kind of card fits it
+        if other.vram_gb > preset.vram_gb and (other.quantization.compute_dtype == "bfloat16") == (card.capability >= (8, 0)):
+            assert not preset_fits(other, card.total_gib)[0], other.name
+
+
+def test_presets_recommend_answers_without_a_gpu():
+    from typer.testing import CliRunner
+
+    from budget_reasoner.cli import app
+
+    result = CliRunner().invoke(app, ["presets", "recommend", "--gpu", "t4"])
+    assert result.exit_code == 0 and result.output.startswith("t4-16gb: Tesla T4 (14.75 GiB"), result.output
+    assert CliRunner().invoke(app, ["presets", "recommend", "--vram-gib", "7.6"]).output.startswith("8gb: ")
+    assert CliRunner().invoke(app, ["presets", "recommend", "--vram-gib", "3"]).output.startswith("cpu-tiny: ")
+    result = CliRunner().invoke(app, ["presets", "recommend", "--gpu", "v100"])
+    assert result.exit_code == 2 and "not in the card table" in result.output
+
+
+def fake_card(monkeypatch, key):
+    card = hardware.card(key)
+    props = types.SimpleNamespace(name=card.name, total_memory=int(card.total_gib * 2**30), major=card.capability[0],
+                                  minor=card.capability[1])
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: None)  # no Unsloth
+
+
+def test_a_preset_too_big_for_the_card_is_one_line_before_any_model_loads(monkeypatch):
+    from budget_reasoner.config import load_preset
+
+    fake_card(monkeypatch, "rtx3060")
+    with pytest.raises(BudgetReasonerError, match=r"preset 24gb does not fit NVIDIA GeForce RTX 3060: its generate stage is "
+                                                  r"estimated at 18\.7 GiB, over 10\.6 of its 11\.8 GiB .*--preset 12gb fits it"):
+        hardware.hardware_for(load_preset("24gb"))
+    assert hardware.hardware_for(load_preset("12gb")).backend == "bitsandbytes"
+    fake_card(monkeypatch, "t4")
+    with pytest.raises(BudgetReasonerError, match=r"preset 12gb computes in bfloat16, which Tesla T4 \(sm_75\) lacks; add "
+                                                  r"--set quantization.compute_dtype=float16, or use --preset t4-16gb"):
+        hardware.hardware_for(load_preset("12gb"))
+    assert hardware.hardware_for(load_preset("t4-16gb")).total_memory_gb == pytest.approx(14.75)

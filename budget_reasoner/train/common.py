@@ -15,6 +15,7 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import PeakMemory
 from budget_reasoner.io import mark_complete, read_json, write_json
 from budget_reasoner.models import describe_precision, load_model, torch_dtype
+from budget_reasoner.plan import prepare_for_kbit_training, training_plan
 from budget_reasoner.progress import progress_bar, say
 
 
@@ -56,8 +57,8 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
         save_total_limit=1,
         activation_checkpointing=stage.gradient_checkpointing,  # trl turns it on by default; tiny models lose speed
         use_cpu=on_cpu,
-        bf16=hardware.supports_bf16 and preset.quantization.compute_dtype == "bfloat16",
-        fp16=hardware.device == "cuda" and preset.quantization.compute_dtype == "float16",
+        bf16=training_plan(preset, hardware).autocast_dtype == "bfloat16",  # plan.py: the estimator reads the same
+        fp16=training_plan(preset, hardware).autocast_dtype == "float16",
         report_to=report_to,
         run_name=output_dir.name,  # the stage's name in wandb
         seed=preset.seed,
@@ -191,14 +192,15 @@ def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
 
 def load_for_training(stage_or_model: str | Path, preset, hardware):
     """The model a stage starts from: a base model, or a base with a previous stage's adapter (trainable)."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     base, adapter = stage_model_paths(Path(stage_or_model))
     if hardware.backend == "unsloth":
         return load_with_unsloth(base, adapter, preset, hardware), base
     model = load_model(base, preset, hardware)
     if preset.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # not peft's prepare_model_for_kbit_training, which upcasts embeddings, LM head and norms to fp32 (plan.py)
+        model = prepare_for_kbit_training(model, training_plan(preset, hardware))
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     return model, base
