@@ -89,6 +89,14 @@ def test_a_pathological_expression_costs_its_timeout_inside_a_thread_then_the_wo
     assert check("math", "\\boxed{\\sqrt{12}}", "2\\sqrt{3}")  # a fresh worker answers the next one
 
 
+def test_starting_the_worker_is_not_charged_to_the_first_grade():
+    from budget_reasoner.verify.math import Verdict
+    from budget_reasoner.verify.symbolic import worker
+
+    worker.close()  # the next comparison starts a worker (about a second of imports) and has 0.5 s of its own
+    assert grade_math("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", timeout=0.5) == Verdict(True)
+
+
 @pytest.mark.parametrize("reference, error", [
     (None, "no reference answer"), ("", "empty reference answer"), ("  $ ", "empty reference answer"),
     ([4], "is a list"), (True, "is a bool"), ("\\frac{", "could not be parsed"),

@@ -53,7 +53,8 @@ def main() -> None:
     def parse_target(answer: str):
         return parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
 
-    out.write('{"ready": true}\n')
+    verify(parse_gold("\\frac{\\sqrt{2}}{x}")[1], parse_target("1/x"), timeout_seconds=None)  # load the grammar and
+    out.write('{"ready": true}\n')  # sympy's lazy modules now, as startup, not inside the first answer's deadline
     out.flush()
     for line in sys.stdin:  # EOF (the parent closed the pipe or exited) ends the worker quietly
         request = json.loads(line)

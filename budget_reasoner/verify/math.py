@@ -21,11 +21,10 @@ reports it as an error, and eval counts those errors.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 
-from budget_reasoner.verify.symbolic import SymbolicTimeout, worker
+from budget_reasoner.verify.symbolic import Deadline, SymbolicTimeout, worker
 
 MAX_COMPLETION_CHARS = 50_000
 MAX_ANSWER_CHARS = 1_000  # MATH-500's longest answer is 53 characters
@@ -154,11 +153,7 @@ def cheap_equal(predicted: str, reference: str) -> bool | None:
     return None
 
 
-def _deadline(timeout: float) -> float:
-    return time.monotonic() + timeout
-
-
-def equivalent(predicted: str, reference: str, deadline: float | None = None) -> bool:
+def equivalent(predicted: str, reference: str, deadline: Deadline | None = None) -> bool:
     """Do two extracted answers mean the same (the relation `grade` uses)? False past `deadline`."""
     cheap = cheap_equal(predicted, reference)
     if cheap is not None:
@@ -166,7 +161,7 @@ def equivalent(predicted: str, reference: str, deadline: float | None = None) ->
     if _too_big_for_sympy(predicted) or _too_big_for_sympy(reference):
         return False
     try:
-        _, equal = worker.compare(reference, predicted, deadline or _deadline(SYMBOLIC_TIMEOUT_SECONDS))
+        _, equal = worker.compare(reference, predicted, (deadline or Deadline(SYMBOLIC_TIMEOUT_SECONDS)).at())
     except SymbolicTimeout:
         return False
     return bool(equal)
@@ -174,12 +169,12 @@ def equivalent(predicted: str, reference: str, deadline: float | None = None) ->
 
 def compare(predicted: str, reference: str, timeout: float = SYMBOLIC_TIMEOUT_SECONDS) -> Verdict:
     """An extracted answer against a normalized reference (see `grade_math` for the whole completion)."""
-    deadline = _deadline(timeout)
+    deadline = Deadline(timeout)
     problem = reference_problem(reference, deadline)
     return Verdict(False, problem) if problem else _compare(predicted, reference, deadline)
 
 
-def _compare(predicted: str, reference: str, deadline: float) -> Verdict:
+def _compare(predicted: str, reference: str, deadline: Deadline) -> Verdict:
     """`predicted` against a reference already known to be usable."""
     cheap = cheap_equal(predicted, reference)
     if cheap is not None:
@@ -187,7 +182,7 @@ def _compare(predicted: str, reference: str, deadline: float) -> Verdict:
     if _too_big_for_sympy(predicted):
         return Verdict(False)  # not an answer a person writes, and not one to hand to sympy
     try:
-        _, equal = worker.compare(reference, predicted, deadline)
+        _, equal = worker.compare(reference, predicted, deadline.at())
     except SymbolicTimeout as timeout:
         if timeout.stage == "gold":
             return Verdict(False, f"reference answer {reference[:40]!r} did not parse within the time limit")
@@ -198,7 +193,7 @@ def _compare(predicted: str, reference: str, deadline: float) -> Verdict:
 _reference_problems: dict[str, str | None] = {}  # reference -> None (usable) or why not; the worker caches too
 
 
-def reference_problem(reference: str, deadline: float) -> str | None:
+def reference_problem(reference: str, deadline: Deadline) -> str | None:
     """None when a normalized reference can be graded against (a number, math, plain words), else why not."""
     if to_number(reference) is not None:
         return None
@@ -206,7 +201,7 @@ def reference_problem(reference: str, deadline: float) -> str | None:
         return f"reference answer {reference[:40]!r}... is too long or too deeply nested to grade"
     if reference not in _reference_problems:
         try:
-            kind, _ = worker.compare(reference, None, deadline)
+            kind, _ = worker.compare(reference, None, deadline.at())
         except SymbolicTimeout:
             return f"reference answer {reference[:40]!r} did not parse within the time limit"  # not cached: may be load
         if len(_reference_problems) > 100_000:
@@ -227,7 +222,7 @@ def reference_text(reference) -> str | Verdict:
     return text
 
 
-def ballot(completion, deadline: float | None = None) -> str | None:
+def ballot(completion, deadline: Deadline | None = None) -> str | None:
     """The answer `grade_math` would grade, or None when it refuses the completion (not text, giant,
     no answer, or hedging over boxes that differ in meaning). Majority vote counts exactly these."""
     if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
@@ -237,7 +232,7 @@ def ballot(completion, deadline: float | None = None) -> str | None:
     if len(distinct) > 1:
         if len(distinct) > MAX_DISTINCT_BOXES:
             return None
-        deadline = deadline or _deadline(SYMBOLIC_TIMEOUT_SECONDS)
+        deadline = deadline or Deadline(SYMBOLIC_TIMEOUT_SECONDS)
         final = distinct[-1]
         if not all(equivalent(box, final, deadline) for box in distinct[:-1]):
             return None  # hedging over several answers is not an answer
@@ -249,7 +244,7 @@ def grade_math(completion, reference, timeout: float = SYMBOLIC_TIMEOUT_SECONDS)
     reference = reference_text(reference)
     if isinstance(reference, Verdict):
         return reference
-    deadline = _deadline(timeout)
+    deadline = Deadline(timeout)
     problem = reference_problem(reference, deadline)
     if problem:
         return Verdict(False, problem)

@@ -41,6 +41,7 @@ class SymbolicWorker:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._buffer = b""
+        self.startup_seconds = 0.0  # all time spent starting workers: `Deadline`s do not count it
 
     def compare(self, gold: str, pred: str | None, deadline: float) -> tuple[str, bool | None]:
         """(reference kind, equal): kind is "math", "text" or "invalid"; equal is None without `pred`.
@@ -48,7 +49,11 @@ class SymbolicWorker:
         Raises SymbolicTimeout past `deadline` (a `time.monotonic()` value), after killing the worker."""
         with self._lock:
             for _ in range(2):  # a worker that died between calls is replaced once
+                starting = time.monotonic()
                 process = self._ensure_started()
+                startup = time.monotonic() - starting  # starting a worker is not this answer's time
+                deadline += startup
+                self.startup_seconds += startup
                 try:
                     process.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
                     process.stdin.flush()
@@ -146,6 +151,17 @@ class SymbolicWorker:
                 except OSError:
                     pass
             process.returncode = 0  # never wait for or kill the parent's child from here
+
+
+class Deadline:
+    """A time limit shared by several comparisons, which time spent starting the worker does not use up."""
+
+    def __init__(self, seconds: float):
+        self._end, self._startups = time.monotonic() + seconds, worker.startup_seconds
+
+    def at(self) -> float:
+        """The limit as a `time.monotonic()` value, pushed back by every worker start since it was set."""
+        return self._end + worker.startup_seconds - self._startups
 
 
 worker = SymbolicWorker()
