@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import sys
+import threading
+import time
 from functools import lru_cache
 
 # Characters that say "this is notation, not a word": a reference with them that math-verify cannot
@@ -29,8 +32,17 @@ from functools import lru_cache
 _NOTATION = re.compile(r"[\\{}^_()\[\]=+*/]")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """EOF on stdin ends an idle worker when the parent dies; this ends one stuck in a long comparison too
+    (when sympy lets go of the GIL) instead of leaving it to burn a core as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the caller's terminal is the caller's to handle
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     out = sys.stdout
     try:
         from math_verify import parse, verify
