@@ -8,7 +8,17 @@ strategy) because training always calls backward right after forward, so the log
 once instead of twice; the price is that `reduction="none"` cannot precompute a weight gradient,
 so that reduction falls back to the same chunks under autograd (still chunked, still exact).
 
-Numerics: logits, log-sum-exp and `softmax - onehot` are computed in fp32 whatever the input dtype.
+Numerics: the logits matmul runs in whatever dtype the caller's autocast (or the weight) gives, as the
+model's own `lm_head` would, so fused and unfused losses see the same rounded logits; from there on,
+softcapping, log-sum-exp and `softmax - onehot` are fp32. The gradient matmuls take the *unnormalized*
+`softmax - onehot` (entries in [-1, 1]) in the same compute dtype, and 1/normalizer and the incoming
+grad_output are applied in fp32: under fp16 with a GradScaler, grad_output is the scaler's factor
+(e.g. 65,536) and arrives only in backward, so a gradient divided by N = 32k tokens and rounded to fp16
+in the forward would already have underflowed (|W|/N is ~1e-6 for a 0.02-scale head: fp16 subnormal).
+Stored gradients are therefore fp32 whenever the tensor is fp16 and cast after the scaling.
+
+`softcap` (Gemma 2/3's `final_logit_softcapping`) replaces logits z by cap * tanh(z / cap) before the
+softmax; the gradient picks up d/dz = 1 - tanh^2(z / cap).
 
 The KD loss is forward KL from the teacher's top-k distribution (its cached log-probs renormalized over
 its top-k tokens, at `temperature`) to the student's distribution restricted to the same k tokens,
@@ -25,6 +35,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from budget_reasoner.errors import BudgetReasonerError
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is 128 tokens at V=151,936 (rounded down), 2,048 at V=16k
@@ -47,13 +59,24 @@ def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     return backend
 
 
+def _softcap_(logits: torch.Tensor, softcap: float | None, need_grad: bool):
+    """logits <- cap * tanh(logits / cap) in place; returns d(capped)/d(logits) = 1 - tanh^2 when `need_grad`."""
+    if not softcap:
+        return None
+    tanh = logits.div(softcap).tanh_()  # the one extra vocab-sized buffer softcapping costs
+    logits.copy_(tanh).mul_(softcap)
+    return tanh.square_().neg_().add_(1.0) if need_grad else None
+
+
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_logprobs, alpha: float,
-                  temperature: float, ignore_index: int, need_grad: bool, grad_scale: float = 1.0):
+                  temperature: float, ignore_index: int, need_grad: bool, grad_scale: float = 1.0,
+                  softcap: float | None = None):
     """Per-token loss of one chunk of fp32 logits, and (with `need_grad`) d(loss)/d(logits) * grad_scale.
 
     With `need_grad` the gradient is written into the logits buffer itself, so a chunk costs one
-    vocab-sized buffer, not three. Ignored tokens get a loss and a gradient of 0.
+    vocab-sized buffer, not three (two with `softcap`). Ignored tokens get a loss and a gradient of 0.
     """
+    cap_grad = _softcap_(logits, softcap, need_grad)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
     label_logits = logits.gather(1, safe_labels[:, None]).squeeze(1)
@@ -77,61 +100,85 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_log
         if need_grad:  # d(T^2 KL)/d(logit_j) = T * (q_j - p_j) on the top-k support, 0 elsewhere
             grad.scatter_add_(1, topk_ids, alpha * temperature * grad_scale * (student_log_q.exp() - teacher_p))
     losses = torch.where(valid, losses, torch.zeros_like(losses))
+    if cap_grad is not None:
+        grad.mul_(cap_grad)  # chain rule through the cap, after every term has been added
     if grad is not None and not valid.all():
         grad[~valid] = 0.0
     return losses, grad
 
 
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16 cannot hold a gradient divided by the token count before the GradScaler's factor arrives; bf16 can
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype `hidden @ weight.T` runs in here: the ambient autocast's, as for the model's own lm_head."""
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device) and tensor.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return tensor.dtype
+
+
 class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, normalizer, chunk_tokens, backend):
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, normalizer,
+                chunk_tokens, backend, softcap):
+        compute = _compute_dtype(weight)
+        weight_c = weight.to(compute)  # once, not per chunk: autocast would cast the weight again in every matmul
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_hidden = (torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device)
+                       if hidden.requires_grad else None)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            stop = min(start + chunk_tokens, hidden.shape[0])
-            hidden_chunk = hidden[start:stop]
-            logits = (hidden_chunk @ weight.t()).float()
-            chunk_ids = None if topk_ids is None else topk_ids[start:stop]
-            chunk_lps = None if topk_logprobs is None else topk_logprobs[start:stop]
-            if backend == "triton":
-                from budget_reasoner.kernels.fused_loss_triton import row_losses_and_grads
+        # the matmuls below are placed by hand (compute dtype in, fp32 out); autocast must not re-cast them
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                stop = min(start + chunk_tokens, hidden.shape[0])
+                hidden_chunk = hidden[start:stop].to(compute)
+                logits = (hidden_chunk @ weight_c.t()).float()
+                chunk_ids = None if topk_ids is None else topk_ids[start:stop]
+                chunk_lps = None if topk_logprobs is None else topk_logprobs[start:stop]
+                # gradients come back unnormalized (entries in [-1, 1]): 1/normalizer is applied in fp32 below
+                if backend == "triton":
+                    from budget_reasoner.kernels.fused_loss_triton import row_losses_and_grads
 
-                losses = row_losses_and_grads(logits, labels[start:stop].contiguous(), chunk_ids, chunk_lps, alpha,
-                                              temperature, ignore_index, normalizer)
-                grad_logits = logits  # the kernel overwrote the logits with the scaled gradient
-            else:
-                losses, grad_logits = _token_losses(logits, labels[start:stop], chunk_ids, chunk_lps, alpha, temperature,
-                                                    ignore_index, need_grad=True, grad_scale=1.0 / normalizer)
-            total += losses.sum()
-            if grad_hidden is not None:
-                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden_chunk.float())
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+                    losses = row_losses_and_grads(logits, labels[start:stop].contiguous(), chunk_ids, chunk_lps, alpha,
+                                                  temperature, ignore_index, 1.0, softcap=softcap)
+                    grad_logits = logits  # the kernel overwrote the logits with the gradient
+                else:
+                    losses, grad_logits = _token_losses(logits, labels[start:stop], chunk_ids, chunk_lps, alpha,
+                                                        temperature, ignore_index, need_grad=True, softcap=softcap)
+                total += losses.sum()
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = ((grad_logits.to(compute) @ weight_c).float() / normalizer).to(grad_hidden.dtype)
+                if grad_weight is not None:
+                    # fp32: this sum runs over a whole chunk of tokens, which fp16 could overflow unnormalized
+                    grad_weight.addmm_(grad_logits.t(), hidden_chunk.float(), alpha=1.0 / normalizer)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(_grad_dtype(weight.dtype)))
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
         # scale in place: a copy of the weight's gradient would double the memory this op is there to save
-        # (so, like Liger's, this backward can run only once per forward)
-        for grad in (grad_hidden, grad_weight):
+        # (so, like Liger's, this backward can run only once per forward). The stored gradients are fp32 where
+        # the inputs are fp16, so the scaler's factor lands before the cast to fp16, not after an underflow.
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             if grad is not None:
-                grad.mul_(grad_output.to(grad.dtype))
-        return (
-            grad_hidden,
-            grad_weight,
-            None, None, None, None, None, None, None, None, None,
-        )
+                grad = grad.mul_(grad_output.to(grad.dtype)).to(dtype)
+            grads.append(grad)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
-def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens):
+def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens, softcap):
     """`reduction="none"`: per-token losses, chunk by chunk under autograd with each chunk's logits checkpointed."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk_loss(hidden_chunk, labels_chunk, ids_chunk, lps_chunk):
         logits = (hidden_chunk @ weight.t()).float()
+        if softcap:  # out of place: autograd differentiates through it
+            logits = softcap * torch.tanh(logits / softcap)
         return _token_losses(logits, labels_chunk, ids_chunk, lps_chunk, alpha, temperature, ignore_index, need_grad=False)[0]
 
     pieces = []
@@ -143,9 +190,12 @@ def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temper
     return torch.cat(pieces)
 
 
-def _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer):
+def _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer,
+               softcap=None):
     """The naive computation with the full tokens x V logits, for tests and benchmarks."""
     logits = (hidden @ weight.t()).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     valid = labels != ignore_index
     losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     if alpha < 1.0:
@@ -168,46 +218,74 @@ def _reduce(losses, reduction, normalizer):
 
 
 def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
-                 normalizer, backend, chunk_tokens):
+                 normalizer, backend, chunk_tokens, softcap=None):
     backend = _resolve_backend(backend, hidden)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if normalizer is None:
         normalizer = (labels != ignore_index).sum().clamp_min(1).item() if reduction == "mean" else 1.0
     if backend == "reference":
-        return _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer)
+        return _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer,
+                          softcap)
     if reduction == "none":
-        return _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens)
+        return _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens,
+                             softcap)
     return _ChunkedLinearLoss.apply(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index,
-                                    float(normalizer), chunk_tokens, backend)
+                                    float(normalizer), chunk_tokens, backend, softcap)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                                reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
-                               chunk_tokens: int | None = None) -> torch.Tensor:
-    """Cross-entropy of `hidden @ weight.T` (tokens x H, V x H) against `labels`, without the full logits."""
-    return _linear_loss(hidden, weight, labels, None, None, 0.0, 1.0, ignore_index, reduction, normalizer, backend, chunk_tokens)
+                               chunk_tokens: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` (tokens x H, V x H) against `labels`, without the full logits.
+
+    `softcap`: the model's `final_logit_softcapping` (logits -> cap * tanh(logits / cap)), or None.
+    """
+    return _linear_loss(hidden, weight, labels, None, None, 0.0, 1.0, ignore_index, reduction, normalizer, backend,
+                        chunk_tokens, softcap)
 
 
 def fused_linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                          labels: torch.Tensor, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
                          reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
-                         chunk_tokens: int | None = None) -> torch.Tensor:
-    """Distillation loss against a teacher's cached top-k log-probs (tokens x k), blended with CE on `labels`."""
+                         chunk_tokens: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Distillation loss against a teacher's cached top-k log-probs (tokens x k), blended with CE on `labels`.
+
+    A cached id the student's LM head has no row for is refused here, on the host, with both sizes named:
+    on a GPU, `gather` would stop the process with a device-side assert that names neither.
+    """
+    check_topk_ids(topk_ids, weight.shape[0])
     return _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
-                        normalizer, backend, chunk_tokens)
+                        normalizer, backend, chunk_tokens, softcap)
+
+
+def check_topk_ids(topk_ids: torch.Tensor, student_rows: int) -> None:
+    """Refuse teacher top-k ids outside [0, student_rows), e.g. a Qwen2.5-7B cache (152,064 rows) for the 1.5B (151,936)."""
+    if topk_ids.numel() == 0:
+        return
+    low, high = int(topk_ids.min()), int(topk_ids.max())  # one host sync per batch, cheap beside the forward
+    if low < 0 or high >= student_rows:
+        bad = low if low < 0 else high
+        raise BudgetReasonerError(
+            f"teacher top-k id {bad} is outside the student's vocabulary: the cache needs at least {high + 1} LM-head "
+            f"rows, the student has {student_rows}; re-cache with a teacher whose ids the student has, or sequence-level data"
+        )
 
 
 @torch.no_grad()
-def linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int,
-                         chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk_tokens: int | None = None,
+                         softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest log-probs of softmax(hidden @ weight.T) per row (tokens x k, fp32) and their token ids,
-    a chunk of rows at a time: what the distillation cache keeps, without the tokens x vocab logits."""
+    a chunk of rows at a time: what the distillation cache keeps, without the tokens x vocab logits.
+    `softcap`: the teacher's `final_logit_softcapping`, which its own forward would apply."""
     chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
     values, indices = [], []
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = (hidden[start : start + chunk_tokens] @ weight.t()).float()
+        _softcap_(logits, softcap, need_grad=False)
         top = logits.topk(k, dim=-1)
         values.append(top.values - logits.logsumexp(-1, keepdim=True))
         indices.append(top.indices)
