@@ -25,8 +25,8 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
                                 write_jsonl, writes_folder)
-from budget_reasoner.kernels import fused_linear_kd_loss, linear_topk_logprobs
-from budget_reasoner.kernels.patch import final_hidden_states, lm_head_weight
+from budget_reasoner.kernels import linear_topk_logprobs
+from budget_reasoner.kernels.patch import final_hidden_states, final_logit_softcap, fused_kd_loss, lm_head_weight
 from budget_reasoner.memory import teacher_cache_batch
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
@@ -79,7 +79,8 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
                 input_ids, attention_mask, _ = pad_batch(encoded, tokenizer.pad_token_id)
                 hidden = final_hidden_states(teacher, input_ids.to(device), attention_mask.to(device))
                 for i, (ids, mask) in enumerate(encoded):
-                    logprobs, token_ids = linear_topk_logprobs(hidden[i, : len(ids)], weight, top_k)
+                    logprobs, token_ids = linear_topk_logprobs(hidden[i, : len(ids)], weight, top_k,
+                                                               softcap=final_logit_softcap(teacher))
                     cached.append({"input_ids": ids, "completion_mask": mask, "topk_ids": token_ids.tolist(),
                                    "topk_logprobs": [[round(v, 5) for v in row] for row in logprobs.tolist()]})
                 bar.advance(task, len(encoded))
@@ -122,15 +123,9 @@ class KDTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # compute_loss already divides by the accumulated batch's token count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["kd_labels"]
-        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-        keep = labels != -100  # only completion positions reach the lm_head: prompt tokens cost nothing
-        # normalize by the label tokens of the whole accumulated batch, not this micro-batch
-        normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-        loss = fused_linear_kd_loss(
-            hidden[keep], lm_head_weight(model), inputs["topk_ids"][keep], inputs["topk_logprobs"][keep],
-            labels[keep], temperature=self.kd_temperature, alpha=self.kd_alpha, normalizer=float(normalizer),
-        )
+        # through model(...), so the loss runs inside the autocast accelerate wraps around the forward;
+        # normalized by the label tokens of the whole accumulated batch, not this micro-batch
+        loss = fused_kd_loss(model, inputs, inputs["kd_labels"], self.kd_alpha, self.kd_temperature, num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
     def _get_num_items_in_batch(self, batch_samples, device):
