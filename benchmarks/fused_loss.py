@@ -21,7 +21,8 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
-def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str, device: str, repeats: int) -> dict:
+def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str, device: str, repeats: int,
+             softcap: float | None = None) -> dict:
     import torch
 
     from budget_reasoner.kernels import fused_linear_cross_entropy
@@ -36,10 +37,10 @@ def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str
     if backend == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        liger = LigerFusedLinearCrossEntropyLoss()
+        liger = LigerFusedLinearCrossEntropyLoss(softcap=softcap)
         step = lambda: liger(w, h, labels)  # noqa: E731  (liger takes the weight first)
     else:
-        step = lambda: fused_linear_cross_entropy(h, w, labels, backend=backend)  # noqa: E731
+        step = lambda: fused_linear_cross_entropy(h, w, labels, backend=backend, softcap=softcap)  # noqa: E731
 
     def sync():
         if device == "cuda":
@@ -63,7 +64,7 @@ def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"backend": backend, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype_name,
-            "seconds": min(times), "added_bytes": peak - before}
+            "softcap": softcap, "seconds": min(times), "added_bytes": peak - before}
 
 
 def main():
@@ -73,6 +74,7 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--backends", nargs="+", default=None, help="default: reference torch (+ triton liger on CUDA)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--softcap", type=float, default=None, help="final_logit_softcapping, e.g. 30 (Gemma 2)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one measurement
@@ -89,13 +91,13 @@ def main():
         for tokens in args.tokens:
             for backend in backends:
                 case = dict(backend=backend, tokens=tokens, hidden=hidden, vocab=vocab, dtype_name=args.dtype,
-                            device=device, repeats=args.repeats)
+                            device=device, repeats=args.repeats, softcap=args.softcap)
                 result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
                 if result.returncode != 0:
                     print(f"{backend} {tokens} {shape}: failed: {result.stderr.strip().splitlines()[-1]}")
                     continue
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    print(f"\ndevice {device}, dtype {args.dtype}, forward+backward of the loss, grads for hidden and weight")
+    print(f"\ndevice {device}, dtype {args.dtype}, softcap {args.softcap}, forward+backward of the loss, grads for hidden and weight")
     print(f"{'H x V':>14} {'tokens':>7} {'backend':>10} {'seconds':>9} {'added MB':>10} {'vs reference':>22}")
     for row in rows:
         reference = next((r for r in rows if r["backend"] == "reference" and r["tokens"] == row["tokens"]
