@@ -5,9 +5,8 @@
 Agreement: `check("math", solution, answer)` on every GSM8K test and MATH-500 reference solution.
 False accepts: each solution checked against another problem's answer from the same set (a fixed
 derangement); pairs whose two answers are the same string are left out, since accepting those is right.
-Speed: 800 comparisons that only the symbolic worker can decide (MATH-500's non-numeric answers, each
-against itself written as a LaTeX group `{answer}` and against another problem's answer), first with the
-worker cold, then warm. Worst case: the slowest grade of 50,000-character adversarial completions.
+Speed: 800 distinct comparisons that only the symbolic worker can decide, each workload from a cold
+worker (see `symbolic_workloads`). Worst case: the slowest grade of 50,000-character adversarial completions.
 Writes benchmarks/results/<machine>/grader.json (command, commit, machine, numbers).
 """
 
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from budget_reasoner.eval.benchmarks import load_benchmark
 from budget_reasoner.verify import grade
-from budget_reasoner.verify.math import MAX_COMPLETION_CHARS, SYMBOLIC_TIMEOUT_SECONDS, cheap_equal, grade_math
+from budget_reasoner.verify.math import MAX_COMPLETION_CHARS, SYMBOLIC_TIMEOUT_SECONDS, cheap_equal, grade_math, to_number
 from budget_reasoner.verify.symbolic import worker
 
 ADVERSARIAL = {  # each at most 50,000 characters, the longest completion graded at all
@@ -63,25 +62,65 @@ def agreement(name: str, rows: list[dict]) -> dict:
     return result
 
 
+def symbolic_workloads(rows: list[dict], count: int = 800) -> dict[str, list[tuple[str, str]]]:
+    """Two sets of `count` distinct (prediction, reference) pairs that only the worker decides.
+
+    "answers": as in eval, predictions are answers of the same kind as references: MATH-500's non-numeric
+    answers respelled (`\\frac` as `\\dfrac`) and other problems' answers (shifted by 1, 2, ...), each
+    string parsed once and then found in the worker's cache. "fresh": every prediction a string never seen
+    before (`a+0`, other answers plus a constant), so every comparison parses and simplifies anew."""
+    answers = list(dict.fromkeys(r["answer"] for r in rows if to_number(r["answer"]) is None))
+    shifted = lambda shift: zip(answers, answers[shift:] + answers[:shift])  # noqa: E731
+    plain = [(a.replace("\\frac", "\\dfrac"), a) for a in answers if "\\frac" in a]
+    fresh = [(f"{a}+0", a) for a in answers]
+    for shift in range(1, 12):
+        plain += [(b, a) for a, b in shifted(shift)]
+        fresh += [(f"{b}+{shift}", a) for a, b in shifted(shift)]
+    distinct = lambda pairs: [(p, a) for p, a in dict.fromkeys(pairs) if cheap_equal(p, a) is None][:count]  # noqa: E731
+    workloads = {"answers": distinct(plain), "fresh": distinct(fresh)}
+    assert all(len(pairs) == count for pairs in workloads.values())
+    assert len({p for p, _ in workloads["fresh"]}) == count
+    return workloads
+
+
+def math_verify_alone(pairs: list[tuple[str, str]]) -> float:
+    """The floor: the same parses (each string once, as the worker caches them) and verifies, no worker."""
+    import logging
+    from functools import lru_cache
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    parsed = lru_cache(maxsize=None)(lambda text: parse(f"\\boxed{{{text}}}", parsing_timeout=None))
+    parsed("\\frac{\\sqrt{2}}{x}")  # the grammar loaded, as the worker does before it says ready
+    started = time.time()
+    for prediction, reference in pairs:
+        verify(parsed(reference), parsed(prediction), timeout_seconds=None)
+    return time.time() - started
+
+
 def symbolic_speed(rows: list[dict], count: int = 800) -> dict:
-    """`count` distinct comparisons only the worker decides: each MATH-500 answer against itself
-    respelled (`\\frac` as `\\dfrac`) and against other problems' answers (shifted by 1 to 5)."""
-    answers = list(dict.fromkeys(r["answer"] for r in rows if cheap_equal(r["answer"], "x") is None))
-    pairs = [(a.replace("\\frac", "\\dfrac"), a) for a in answers if "\\frac" in a]
-    for shift in range(1, 6):
-        pairs += [(b, a) for a, b in zip(answers, answers[shift:] + answers[:shift])]
-    pairs = [(p, a) for p, a in dict.fromkeys(pairs) if cheap_equal(p, a) is None][:count]
-    assert len(pairs) == count, len(pairs)
-    worker.close()  # cold: the first comparison starts the worker, and its parser has learnt nothing yet
-    timings = {}
-    for run in ("cold", "warm"):
+    result = {"comparisons": count}
+    for name, pairs in symbolic_workloads(rows, count).items():
+        grade_math("\\boxed{\\sqrt{8}}", "2\\sqrt{2}")
+        worker.close()  # each workload from a cold worker, whose start is timed apart (not a comparison's cost)
+        started = time.time()
+        grade_math("\\boxed{\\sqrt{8}}", "2\\sqrt{2}")
+        result["worker_start_seconds"] = time.time() - started
         started = time.time()
         verdicts = [grade_math(f"\\boxed{{{prediction}}}", reference) for prediction, reference in pairs]
-        timings[f"{run}_seconds"] = time.time() - started
-    print(f"{count} symbolic comparisons ({len(answers)} distinct MATH-500 answers): cold {timings['cold_seconds']:.2f} s, "
-          f"warm {timings['warm_seconds']:.2f} s; {sum(v.correct for v in verdicts)} equal; load {os.getloadavg()[0]:.1f}")
-    return {"comparisons": count, "distinct_answers": len(answers), **timings, "load_average": os.getloadavg()[0],
-            "equal": sum(v.correct for v in verdicts), "errors": sum(v.error is not None for v in verdicts)}
+        seconds = time.time() - started
+        result[name] = {"seconds": seconds, "ms_each": 1000 * seconds / count, "equal": sum(v.correct for v in verdicts),
+                        "errors": sum(v.error is not None for v in verdicts), "references": len({a for _, a in pairs})}
+        print(f"{count} symbolic comparisons ({name}): {seconds:.2f} s, {1000 * seconds / count:.1f} ms each; "
+              f"{result[name]['equal']} equal")
+    result["answers"]["in_process_seconds"] = math_verify_alone(symbolic_workloads(rows, count)["answers"])
+    print(f"the same {count} (answers) with math-verify called directly in this process: "
+          f"{result['answers']['in_process_seconds']:.2f} s (what the worker's pipes and deadlines add is the difference)")
+    result["load_average"] = os.getloadavg()[0]
+    print(f"starting a worker: {result['worker_start_seconds']:.2f} s; load average {result['load_average']:.1f} "
+          f"on {os.cpu_count()} cores")
+    return result
 
 
 def adversarial() -> dict:
