@@ -10,9 +10,11 @@ kills this process when a comparison runs past its deadline and starts a fresh o
 Protocol (one JSON object per line, UTF-8):
     ready:    {"ready": true}                      (or {"fatal": "why"}, then exit) once math-verify is imported
     request:  {"gold": "<reference>", "pred": "<answer>" | null}
-    replies:  {"gold": "math" | "text" | "invalid"}  as soon as the reference is parsed (cached), then,
+    replies:  {"gold": "math" | "text" | "invalid"}  once the reference is parsed (cached), then,
               when pred is given and the reference is usable, {"equal": true | false}
-The first reply lets the parent tell a reference that hangs the parser from a prediction that does.
+The first reply lets the parent tell a reference that hangs the parser from a prediction that does; it
+is sent at once only when the reference was parsed just now, else with the second, so that a warm
+comparison costs the parent one wake-up (on a loaded machine each wake-up can wait milliseconds).
 """
 
 from __future__ import annotations
@@ -70,12 +72,14 @@ def main() -> None:
     out.flush()
     for line in sys.stdin:  # EOF (the parent closed the pipe or exited) ends the worker quietly
         request = json.loads(line)
+        misses = parse_gold.cache_info().misses
         try:
             kind, gold = parse_gold(request["gold"])
         except Exception:  # noqa: BLE001 - RecursionError, lark and sympy errors: an unusable reference
             kind, gold = "invalid", None
         out.write(json.dumps({"gold": kind}) + "\n")
-        out.flush()
+        if parse_gold.cache_info().misses != misses:
+            out.flush()  # parsed just now: say so before comparing; a cached one goes with the answer (one wake-up)
         if request.get("pred") is None or kind == "invalid":
             continue
         try:
