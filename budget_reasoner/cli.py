@@ -25,6 +25,8 @@ app.add_typer(presets_app, name="presets")
 PRESET_HELP = "Preset name (see `budget-reasoner presets list`) or a .yaml file; 'auto' picks one for this machine."
 SET_HELP = "Override a preset value, e.g. --set sft.max_steps=50 (repeatable)."
 REPORT_HELP = "Where to log training: 'none' or 'wandb' (honours WANDB_MODE=offline)."
+OVERWRITE_HELP = ("Delete what --out holds and start over. Without it, a rerun resumes only a folder made from the same "
+                  "inputs and settings (its fingerprint.json), and refuses any other in one line.")
 
 
 LOW_SPACE = 64 * 2**20  # bytes free under which a failed write is taken to be the full disk's doing
@@ -100,12 +102,13 @@ def quickstart(
     report_to: str = typer.Option("none", help=REPORT_HELP),
     gpu_hour_price: Optional[float] = typer.Option(None, min=0, help="Dollars per GPU-hour: the report prices each stage."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
-    results = run_quickstart(out, _preset(preset, set_), domain, _report_to(report_to), gpu_hour_price)
+    results = run_quickstart(out, _preset(preset, set_), domain, _report_to(report_to), gpu_hour_price, overwrite)
     typer.echo(markdown(results))
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -139,6 +142,7 @@ def generate(
                                                                 "gsm8k, math500, aime24, amc23, or NAME=PATH_OR_ID (repeatable)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Sample chains from a teacher, keep the ones the verifier accepts, and build the SFT set and preference pairs."""
     from budget_reasoner.generate import generate as run_generate
@@ -148,7 +152,7 @@ def generate(
     settings = _preset(preset, set_)
     settings.generate.seed_sets += seed_set or []
     settings.generate.decontaminate += decontaminate or []
-    summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain)
+    summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain, overwrite)
     typer.echo(f"{summary['verified_chains']}/{summary['chains']} chains verified; "
                f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}")
 
@@ -162,11 +166,12 @@ def sft_command(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     report_to: str = typer.Option("none", help=REPORT_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """(Q)LoRA supervised fine-tuning of the student on verified chains."""
     from budget_reasoner.train.sft import sft
 
-    record = sft(data, student, out, _preset(preset, set_), report_to=_report_to(report_to))
+    record = sft(data, student, out, _preset(preset, set_), report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"sft adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
@@ -179,11 +184,12 @@ def dpo_command(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     report_to: str = typer.Option("none", help=REPORT_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """DPO on verified-vs-rejected chains, starting from and anchored to the SFT model."""
     from budget_reasoner.train.dpo import dpo
 
-    record = dpo(pairs, sft_stage, out, _preset(preset, set_), report_to=_report_to(report_to))
+    record = dpo(pairs, sft_stage, out, _preset(preset, set_), report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"dpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
@@ -197,13 +203,14 @@ def distill_command(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     report_to: str = typer.Option("none", help=REPORT_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP + " (the cache in OUT/cache too)"),
 ):
     """Logit-level distillation: cache the teacher's top-k log-probs, then train the student with the KD loss."""
     from budget_reasoner.train.distill import cache_teacher_topk, distill
 
     settings = _preset(preset, set_)
-    cache_teacher_topk(teacher, data, out / "cache", settings)
-    record = distill(out / "cache", student, out, settings, report_to=_report_to(report_to))
+    cache_teacher_topk(teacher, data, out / "cache", settings, overwrite=overwrite)
+    record = distill(out / "cache", student, out, settings, report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"distill adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
@@ -223,6 +230,7 @@ def eval_command(
     max_waits: Optional[int] = typer.Option(None, min=0, help="Budget forcing: at most this many 'Wait's."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Held-out accuracy with test-time compute: greedy or budget-forced, pass@k, majority vote, best-of-N."""
     from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
@@ -235,11 +243,20 @@ def eval_command(
         rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
         domain = "choice" if benchmark == "choice" else "math"
         problems = out / "problems.jsonl"
+        if problems.is_file() and not overwrite and _jsonl_text(rows) != problems.read_text():
+            raise BudgetReasonerError(f"{out} was evaluated on other problems ({problems}); pass a new --out, or "
+                                      f"--overwrite to delete it and start over")
         write_jsonl(problems, rows)
     elif problems is None:
         raise BudgetReasonerError("eval needs --problems FILE or --benchmark NAME")
-    evaluate(model, problems, out, settings, domain)
+    evaluate(model, problems, out, settings, domain, overwrite=overwrite)
     typer.echo((out / "summary.md").read_text())
+
+
+def _jsonl_text(rows: list[dict]) -> str:
+    import json
+
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 @presets_app.command("recommend")

@@ -4,6 +4,9 @@ A stage is complete when its folder holds `COMPLETE.json`; a stage without it is
 written to a temporary name and renamed, so an interrupted write never leaves half a shard behind; a
 write stopped by a full disk removes its temporary file and ends in one line saying what was kept.
 A folder being written holds `LOCK.json` (PID and host of its writer), so a second writer is refused.
+A stage folder holds `fingerprint.json` (what made it: its inputs' content hashes and its settings) from its
+first write, so a rerun resumes only what the same inputs and settings started; `COMPLETE.json` lists every
+file the stage wrote with its size and sha256, so a reader finds a missing or damaged file before using it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -26,6 +30,8 @@ from budget_reasoner.errors import BudgetReasonerError
 
 COMPLETE = "COMPLETE.json"
 LOCK = "LOCK.json"
+FINGERPRINT = "fingerprint.json"
+SESSIONS = "sessions.json"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota: the same remedy
 
 
@@ -56,13 +62,17 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
-    """Rows of a JSONL file; a malformed line or a missing column names the file and line."""
+def read_jsonl(path: Path, required: Iterable[str] = (), kinds: dict[str, str] | None = None) -> list[dict]:
+    """Rows of a JSONL file; a malformed line, a missing column or a column of the wrong kind names the file and line.
+
+    `kinds` maps columns to what they must hold: "text" (a string UTF-8 can encode), "messages" (a non-empty
+    list of {"role": text, "content": text}) or "bool". Checked here, where the file is read, so a bad row is
+    one line before any model loads, not a traceback from a tokenizer or a trainer later."""
     path = Path(path)
     if not path.is_file():
         raise BudgetReasonerError(f"{path}: file not found")
-    rows, required = [], list(required)
-    with path.open() as handle:
+    rows, required, kinds = [], list(required), kinds or {}
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -75,12 +85,52 @@ def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
             missing = [column for column in required if column not in row]
             if missing:
                 raise BudgetReasonerError(f"{path}: line {line_number}: missing column(s) {', '.join(missing)}")
+            for column, kind in kinds.items():
+                if column in row and (problem := _wrong_kind(row[column], kind)):
+                    raise BudgetReasonerError(f"{path}: line {line_number}: column {column!r} {problem}")
             rows.append(row)
     return rows
 
 
-def read_shards(folder: Path, required: Iterable[str] = ()) -> list[dict]:
-    return [row for shard in sorted(Path(folder).glob("shard-*.jsonl")) for row in read_jsonl(shard, required)]
+def _wrong_kind(value, kind: str) -> str | None:
+    """What is wrong with `value` as a column of `kind`, or None when it is fine."""
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"must be true or false, got {_json_type(value)}"
+    if kind == "text":
+        if not isinstance(value, str):
+            return f"must be a string, got {_json_type(value)}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON's "\ud800" escapes decode to lone surrogates no encoder accepts
+            return (f"holds text UTF-8 cannot encode ({value[error.start]!r} at character {error.start}, "
+                    f"{error.reason}); fix or drop the row")
+        return None
+    if kind == "messages":
+        if not isinstance(value, list) or not value:
+            return f"must be a non-empty list of chat messages ({{\"role\": ..., \"content\": ...}}), got {_json_type(value)}"
+        for index, message in enumerate(value):
+            if not isinstance(message, dict) or "content" not in message or "role" not in message:
+                return f"message {index} must be an object with \"role\" and \"content\", got {_json_type(message)}"
+            for key in ("role", "content"):
+                if problem := _wrong_kind(message[key], "text"):
+                    return f"message {index} {key} {problem}"
+        return None
+    raise ValueError(f"unknown column kind {kind!r}")
+
+
+def _json_type(value) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def read_shards(folder: Path, required: Iterable[str] = (), kinds: dict[str, str] | None = None) -> list[dict]:
+    """The rows of a folder's shards: those its COMPLETE.json lists when it has a manifest, else every shard there."""
+    folder = Path(folder)
+    listed = _manifest(folder)
+    names = sorted(name for name in listed if Path(name).parent == Path(".") and name.startswith("shard-")) \
+        if listed is not None else sorted(path.name for path in folder.glob("shard-*.jsonl"))
+    return [row for name in names for row in read_jsonl(folder / name, required, kinds)]
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -91,18 +141,228 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE).is_file()
 
 
+def mark_complete(folder: Path, info: dict) -> None:
+    """Write COMPLETE.json: the stage's record plus a manifest of every file it wrote (size and sha256).
+
+    Written last, so it is the proof the stage finished; readers (`verify_complete`) check the manifest, so a
+    shard deleted or cut short later is an error, never a smaller dataset."""
+    folder = Path(folder)
+    files = {name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for name, path in _stage_files(folder)}
+    write_json(folder / COMPLETE, {**info, "files": files})
+
+
+def _stage_files(folder: Path) -> list[tuple[str, Path]]:
+    """(relative name, path) of the files a stage wrote: not its markers, and not a nested stage's own folder
+    (distill/cache, data/problems), which carries its own fingerprint and manifest."""
+    found = []
+    for root, directories, names in os.walk(folder):
+        root = Path(root)
+        directories[:] = sorted(d for d in directories if not (root / d / FINGERPRINT).is_file())
+        for name in sorted(names):
+            if root == folder and name in (COMPLETE, LOCK, FINGERPRINT) or name.endswith(".tmp"):
+                continue
+            found.append(((root / name).relative_to(folder).as_posix(), root / name))
+    return found
+
+
+def _manifest(folder: Path) -> dict | None:
+    """The files COMPLETE.json lists, or None for a folder without one (incomplete, or older than manifests)."""
+    if not is_complete(folder):
+        return None
+    files = read_json(Path(folder) / COMPLETE).get("files")
+    return files if isinstance(files, dict) else None
+
+
+def verify_complete(folder: Path) -> None:
+    """Check that every file a complete stage's manifest lists is there, whole and unchanged."""
+    folder = Path(folder)
+    for name, expected in (_manifest(folder) or {}).items():
+        path = folder / name
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != expected.get("bytes"):
+            problem = f"has {path.stat().st_size:,} bytes, not the {expected.get('bytes'):,} it was written with"
+        elif file_sha256(path) != expected.get("sha256"):
+            problem = "has changed since the stage wrote it"
+        else:
+            continue
+        raise BudgetReasonerError(
+            f"{path} {problem} (listed in {folder / COMPLETE}): the stage's output is damaged; rerun its command "
+            f"with --overwrite (or delete {folder}) to redo it"
+        )
+
+
+def read_record(folder: Path, record: str) -> dict:
+    """A stage's saved record, without COMPLETE.json's file manifest (the report has no use for it)."""
+    data = read_json(Path(folder) / record)
+    return {key: value for key, value in data.items() if key != "files"} if record == COMPLETE else data
+
+
 def finished(folder: Path, stage: str, record: str = "stage.json") -> dict | None:
-    """The saved record of a stage that already completed in `folder` (saying it is skipped), else None."""
+    """The saved record of a stage that already completed in `folder` (verified, saying it is skipped), else None.
+
+    Stages call it through `claim_stage`, which first checks that the folder was made by the same fingerprint."""
     if not is_complete(folder):
         return None
     from budget_reasoner.progress import say
 
+    verify_complete(folder)
     say(f"{stage}: {folder} is complete, skipping")
-    return read_json(Path(folder) / record)
+    return read_record(folder, record)
 
 
-def mark_complete(folder: Path, info: dict) -> None:
-    write_json(Path(folder) / COMPLETE, info)
+# ---- what made a folder: fingerprints -------------------------------------------------------------------
+# A stage's fingerprint is {"stage", "inputs": {role: content digest}, "settings": {preset section: values}}.
+# It is written to fingerprint.json before the stage writes anything else, and a rerun resumes (or skips a
+# complete stage) only when its own fingerprint is the same; otherwise one line names the keys that differ.
+# Digests are of content, never of paths, so a run folder that moves keeps its fingerprints. The settings are
+# the preset sections that change the stage's result; recipe.py's run.json hashes the whole preset with the
+# same `digest`, so a run folder whose run.json matches has stages whose settings match too.
+
+BIG_FILE = 64 * 2**20  # bytes above which a file is sampled rather than read whole (see file_sha256)
+SAMPLE = 2**20
+
+
+def digest(data) -> str:
+    """A short content hash of JSON-able data (keys sorted, so dict order does not matter)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes. Files over BIG_FILE (model weights: a 7B model is 15 GB, minutes to read at each
+    stage start) hash their size and three 1 MiB samples (start, middle, end) instead: any re-save of the weights
+    changes those, and unlike mtimes they survive a run folder copied to another disk (`cp -r`, Google Drive)."""
+    path, hasher = Path(path), hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= BIG_FILE:
+            for block in iter(lambda: handle.read(SAMPLE), b""):
+                hasher.update(block)
+        else:
+            hasher.update(f"sampled:{size}".encode())
+            for offset in (0, size // 2, size - SAMPLE):
+                handle.seek(offset)
+                hasher.update(handle.read(SAMPLE))
+    return hasher.hexdigest()
+
+
+def input_digest(source: str | Path) -> str:
+    """What an input is, as a content digest: a file's bytes; a complete stage folder's fingerprint and manifest
+    (its files verified first); any other folder (a model) its files' names and bytes; a name that is no local
+    path (a hub id, a server model) the name itself."""
+    path = Path(source)
+    if not path.exists():
+        return f"name:{source}"
+    if path.is_file():
+        return f"file:{file_sha256(path)[:16]}"
+    if (path / FINGERPRINT).is_file():
+        if not is_complete(path):
+            raise BudgetReasonerError(f"{path} is a stage that has not completed (no {COMPLETE}); run its command "
+                                      f"again to finish it before using it as an input")
+        verify_complete(path)
+        return "stage:" + digest({"fingerprint": read_json(path / FINGERPRINT), "files": _manifest(path)})
+    return "folder:" + digest([(name, file_sha256(file)) for name, file in _stage_files(path)])
+
+
+def claim_stage(folder: Path, stage: str, inputs: dict, settings: dict, overwrite: bool = False,
+                record: str = "stage.json", keep: Iterable[str | Path] = ()) -> dict | None:
+    """Claim `folder` for a stage made from `inputs` (role -> source: path or name) and `settings`.
+
+    Returns the stage's record when the folder already completed with this fingerprint (skip it), None when the
+    stage should run (fresh, or resuming what the same fingerprint started). A folder made by another fingerprint,
+    or holding files without one, is refused in one line unless `overwrite`: then its contents are deleted (not
+    moved aside: who asks to overwrite wants the space back) only after the new fingerprint is known, that is after
+    every input was verified, and before the new fingerprint is written. `keep` names files inside the folder
+    that are this stage's own inputs (eval's problems.jsonl from --benchmark); nested stages' folders are kept."""
+    folder = Path(folder)
+    claimed = {"stage": stage, "inputs": {role: input_digest(source) for role, source in inputs.items()},
+               "settings": settings}
+    claimed = json.loads(json.dumps(claimed, default=str))  # as it reads back from disk (tuples as lists)
+    path = folder / FINGERPRINT
+    existing = _read_fingerprint(path)
+    if existing == claimed and not overwrite:
+        return finished(folder, stage, record)
+    kept = {Path(name).resolve() for name in keep}
+    leftovers = [entry for entry in sorted(folder.iterdir()) if folder.is_dir() and entry.name not in (LOCK, FINGERPRINT)
+                 and entry.resolve() not in kept and not (entry.is_dir() and (entry / FINGERPRINT).is_file())] \
+        if folder.is_dir() else []
+    if existing is not None and not leftovers:
+        existing = None  # claimed, but nothing written before it stopped (bad rows, a failed load): nothing to lose
+    if (existing is not None or leftovers) and not overwrite:
+        if existing is None:
+            why = ("holds files but no fingerprint.json (written before fingerprints, or by hand), so what made them "
+                   "is unknown")
+        else:
+            why = f"holds {existing.get('stage')} output made from other inputs or settings (differs: {_differences(existing, claimed)})"
+        raise BudgetReasonerError(f"{folder} {why}; pass a new --out, or --overwrite to delete it and start over")
+    if overwrite and (existing is not None or leftovers):
+        from budget_reasoner.progress import say
+
+        path.unlink(missing_ok=True)  # first: a delete cut short leaves files without a fingerprint, refused again
+        for entry in leftovers:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        say(f"{stage}: --overwrite: deleted the previous contents of {folder}")
+    write_json(path, claimed)
+    return None
+
+
+def settings_of(preset, *names: str) -> dict:
+    """The named preset values (sections like "sft", or dotted fields like "model.max_length"), as plain data."""
+    import dataclasses
+
+    settings = {}
+    for name in names:
+        value = preset
+        for part in name.split("."):
+            value = getattr(value, part)
+        settings[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return settings
+
+
+# what changes a model's outputs in every stage that loads one: its length limit, attention, loader and precision
+MODEL_SETTINGS = ("seed", "model.max_length", "model.attention", "model.backend", "quantization")
+
+
+def _read_fingerprint(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except BudgetReasonerError:
+        return {} if path.exists() else None  # unreadable: differs from every claim
+
+
+def _differences(old: dict, new: dict) -> str:
+    """The dotted keys on which two fingerprints differ (at most eight)."""
+    def flat(data, prefix=""):
+        if isinstance(data, dict) and data:
+            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): data}
+
+    old, new = flat(old), flat(new)
+    keys = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") or "unreadable fingerprint"
+
+
+# ---- compute across sessions ------------------------------------------------------------------------------
+
+def add_session(folder: Path, seconds: float, peak_memory_bytes: int | None, **extra) -> dict:
+    """Append one session's wall seconds and peak memory to the stage's sessions.json; returns the totals over
+    every session of the stage (a resumed stage's compute is the sum of its sessions', its peak the max)."""
+    sessions = read_sessions(folder)["sessions"]
+    sessions.append({"seconds": seconds, "peak_memory_bytes": peak_memory_bytes, **extra})
+    write_json(Path(folder) / SESSIONS, {"sessions": sessions})
+    return session_totals(sessions)
+
+
+def read_sessions(folder: Path) -> dict:
+    """The totals over the sessions recorded so far (none: zero seconds)."""
+    path = Path(folder) / SESSIONS
+    return session_totals(read_json(path).get("sessions", []) if path.is_file() else [])
+
+
+def session_totals(sessions: list[dict]) -> dict:
+    peaks = [s["peak_memory_bytes"] for s in sessions if s.get("peak_memory_bytes") is not None]
+    return {"seconds": sum(s["seconds"] for s in sessions), "peak_memory_bytes": max(peaks) if peaks else None,
+            "sessions": sessions}
 
 
 def read_json(path: Path) -> dict:
@@ -232,7 +492,12 @@ def _take(folder: Path) -> None:
     for _ in range(3):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: of two racers, one wins
-        except FileExistsError:
+        except OSError as error:
+            if not isinstance(error, FileExistsError):  # read-only, no permission, full: before any model loads
+                if error.errno in NO_SPACE:
+                    raise BudgetReasonerError(disk_full_message(folder)) from None
+                raise BudgetReasonerError(f"--out {folder} is not writable ({error.strerror}); pass a folder this user "
+                                          f"can write to") from None
             owner = _read_lock(path)
             if owner is None:
                 continue  # released between our two looks
@@ -309,9 +574,12 @@ def _heartbeat(path: Path, stop: threading.Event) -> None:
 
 
 def _remove_if_empty(folder: Path, created: bool) -> None:
-    """A refused or failed command leaves no empty folder of its own making behind."""
+    """A refused or failed command leaves no empty folder of its own making behind (a fingerprint claimed before
+    the failure, with nothing written beside it, goes too)."""
     if created:
         with contextlib.suppress(OSError):
+            if [entry.name for entry in folder.iterdir()] == [FINGERPRINT]:
+                (folder / FINGERPRINT).unlink()
             folder.rmdir()  # only succeeds when nothing was written into it
 
 

@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -24,10 +23,11 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
-from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, write_problems
-from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
+from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, problem_settings, write_problems
+from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher, redact
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import LOCK, finished, is_complete, mark_complete, read_json, write_json, write_jsonl, writes_folder
+from budget_reasoner.io import (COMPLETE, LOCK, claim_stage, digest, mark_complete, read_json, settings_of, write_json,
+                                write_jsonl, writes_folder)
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
 from budget_reasoner.train.distill import cache_teacher_topk, distill
@@ -39,23 +39,35 @@ STAGES = ("bootstrap", "generate", "sft", "dpo", "distill")
 
 
 def preset_fingerprint(preset: Preset) -> str:
-    return hashlib.sha256(json.dumps(preset.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """The whole preset's digest; each stage's fingerprint.json hashes its own sections with the same io.digest,
+    so a run folder whose run.json matches holds stages whose settings match."""
+    return digest(preset.to_dict())
 
 
-def claim_run_folder(out: Path, preset: Preset, domain: str) -> None:
-    """Write run.json, or check that an existing run folder was made by the same preset and domain."""
+def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = False) -> None:
+    """Write run.json, or check that an existing run folder was made by the same preset and domain.
+
+    With `overwrite`, a folder of another run (or of no run) is emptied first: deleted, not moved aside, and only
+    once this process holds its lock (quickstart's caller took it), so a refused run deletes nothing."""
     record = {"preset": preset.name, "domain": domain, "fingerprint": preset_fingerprint(preset)}
     path = out / "run.json"
-    if path.exists():
+    if path.exists() and not overwrite:
         existing = read_json(path)
         if existing.get("fingerprint") != record["fingerprint"] or existing.get("domain") != domain:
             raise BudgetReasonerError(
                 f"{out} holds a run of preset {existing.get('preset')!r} (domain {existing.get('domain')!r}) with other "
-                f"settings; pass a new --out folder, or delete {out} to start over"
+                f"settings; pass a new --out folder, or --overwrite to delete it and start over"
             )
         return
     if out.exists() and any(path.name != LOCK for path in out.iterdir()):
-        raise BudgetReasonerError(f"{out} is not empty and holds no run.json; pass a new --out folder")
+        if not overwrite:
+            raise BudgetReasonerError(f"{out} is not empty and holds no run.json; pass a new --out folder, or "
+                                      f"--overwrite to delete its contents and start over")
+        path.unlink(missing_ok=True)  # first: a delete cut short leaves no run.json, so it is refused, not resumed
+        for entry in out.iterdir():
+            if entry.name != LOCK:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        say(f"quickstart: --overwrite: deleted the previous contents of {out}")
     write_json(path, record)
 
 
@@ -73,7 +85,9 @@ def needs_bootstrap(preset: Preset) -> bool:
 @writes_folder("out")
 def run_bootstrap(out: Path, preset: Preset) -> dict:
     models_dir = out / "models"
-    if (record := finished(models_dir, "bootstrap", "COMPLETE.json")) is not None:
+    settings = {**settings_of(preset, "seed", "pretrain", "model.tiny_student", "model.tiny_teacher", "model.max_length",
+                              "generate.max_new_tokens"), "problems": problem_settings(preset, "math")}
+    if (record := claim_stage(models_dir, "bootstrap", {}, settings, record=COMPLETE)) is not None:
         return record
     _, held_out = write_problems(out / "data" / "problems", preset)
     started = time.time()
@@ -87,19 +101,34 @@ def run_bootstrap(out: Path, preset: Preset) -> dict:
 def make_teacher(teacher: str, preset: Preset, hardware: Hardware):
     if is_server_teacher(teacher):
         return OpenAITeacher(teacher.removeprefix("openai:"))
-    model, tokenizer = load_for_inference(teacher, preset, hardware)
-    return TransformersTeacher(model, tokenizer, Path(teacher).name, preset.generate.batch_size)
+    return LocalTeacher(teacher, preset, hardware)
+
+
+class LocalTeacher:
+    """A local teacher model that loads on its first sample: a generate refused (another run's folder) or already
+    complete never loads it. `source` is the model, so its content is part of the generate folder's fingerprint."""
+
+    def __init__(self, path: str, preset: Preset, hardware: Hardware):
+        self.source, self.name, self.device = str(path), redact(Path(path).name), hardware.device
+        self._preset, self._hardware, self._teacher = preset, hardware, None
+
+    def sample(self, *args, **kwargs):
+        if self._teacher is None:
+            model, tokenizer = load_for_inference(self.source, self._preset, self._hardware)
+            self._teacher = TransformersTeacher(model, tokenizer, self.name, self._preset.generate.batch_size)
+            self.device = self._teacher.device
+        return self._teacher.sample(*args, **kwargs)
 
 
 @writes_folder("out")
 def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
-               gpu_hour_price: float | None = None) -> dict:
+               gpu_hour_price: float | None = None, overwrite: bool = False) -> dict:
     """Run the whole recipe into `out` and write the report. Returns the report as a dict.
 
     Each training stage records its wall time, device, tokens and peak memory; with `gpu_hour_price`
     (dollars per GPU-hour) the report prices every stage and the whole run."""
     out = Path(out)
-    claim_run_folder(out, preset, domain)
+    claim_run_folder(out, preset, domain, overwrite)
     quiet_libraries()
     if preset.threads:
         torch.set_num_threads(preset.threads)
@@ -126,10 +155,8 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
 
     results["teacher"] = held_out_eval("teacher", teacher) if not is_server_teacher(teacher) else {}
     results["stages"]["base"] = {**held_out_eval("base", student)}
-    if not is_complete(out / "data"):
-        results["generate"] = generate(out / "data", preset, make_teacher(teacher, preset, hardware), domain)
-    else:
-        results["generate"] = read_json(out / "data" / "COMPLETE.json")
+    # a complete data folder is verified and skipped; a local teacher loads only if chains remain to be sampled
+    results["generate"] = generate(out / "data", preset, make_teacher(teacher, preset, hardware), domain)
     stage_runs = [
         ("sft", lambda: sft(out / "data" / "sft" / "train.jsonl", student, out / "sft", preset, hardware, report_to)),
         ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / "sft", out / "dpo", preset, hardware, report_to)),

@@ -52,6 +52,14 @@ class ScriptedTeacher:
         return completions
 
 
+def stand_in_for(teacher: str) -> ScriptedTeacher:
+    """A scripted teacher standing in for the run's own (its `source`, in the generate folder's fingerprint), so the
+    tests that rerun the shared quickstart with the real teacher find its data complete, not another teacher's."""
+    scripted = ScriptedTeacher()
+    scripted.source = teacher
+    return scripted
+
+
 def _solve(question: str):
     """Worked steps of a generated problem by replaying its operators left to right."""
     import re
@@ -74,6 +82,6 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "quick"
     preset = load_preset("cpu-tiny", dict(TINY))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(recipe, "make_teacher", lambda *args: ScriptedTeacher())
+        patch.setattr(recipe, "make_teacher", lambda teacher, *args: stand_in_for(teacher))
         results = recipe.quickstart(out, preset)
     return out, preset, results

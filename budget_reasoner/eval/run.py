@@ -14,11 +14,14 @@ import torch
 from budget_reasoner.config import Preset
 from budget_reasoner.eval.generation import chat_prompt, generate_texts, generate_with_budget, prompt_texts
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, cluster_answers, mean, pass_at_k, tokens_curve, vote
-from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, PROBLEM_KINDS
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
-from budget_reasoner.io import finished, mark_complete, read_jsonl, shard_path, write_json, write_jsonl
+from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, mark_complete, read_jsonl, read_sessions,
+                                settings_of, shard_path, write_json, write_jsonl)
 from budget_reasoner.models import load_model, load_tokenizer
-from budget_reasoner.train.common import stage_model_paths
+from budget_reasoner.progress import say
+from budget_reasoner.train.common import stage_model_paths, tokenizer_of
 from budget_reasoner.verify import ballot, check, equivalent, grade
 
 
@@ -38,37 +41,48 @@ def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Har
 
 
 def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
-             hardware: Hardware | None = None, name: str | None = None, load=None) -> dict:
+             hardware: Hardware | None = None, name: str | None = None, load=None, overwrite: bool = False) -> dict:
     """Greedy (or budget-forced) accuracy, and over `eval.maj_k` samples: pass@1, pass@k, maj@k, best-of-k.
 
     Problems are answered and graded a shard (`generate.shard_size` problems) at a time into `out/shards/`;
     an interrupted eval reruns only the shards it had not written. `load` (a callable returning the model and
-    tokenizer) lets evaluations of one model on several problem sets share one load."""
+    tokenizer) lets evaluations of one model on several problem sets share one load.
+
+    The folder's fingerprint holds the model's (io.claim_stage): shards answered by another model, or under other
+    settings, are never reused. Questions too long for the model's context are cut to fit (counted, said) before
+    the model loads."""
     out = Path(out)
-    if (record := finished(out, "eval", "summary.json")) is not None:
+    problems = read_jsonl(problems_file, PROBLEM_COLUMNS, PROBLEM_KINDS)  # bad rows: one line, nothing claimed
+    settings = {**settings_of(preset, *MODEL_SETTINGS, "eval", "generate.instruction", "generate.shard_size"),
+                "domain": domain}
+    if (record := claim_stage(out, "eval", {"model": model_or_stage, "problems": problems_file}, settings, overwrite,
+                              record="summary.json", keep=[problems_file])) is not None:
         return record
     hardware = hardware or hardware_for(preset)
     load = load or (lambda: load_for_inference(model_or_stage, preset, hardware))
-    problems = read_jsonl(problems_file, PROBLEM_COLUMNS)
     k, shard_size = preset.eval.maj_k, preset.generate.shard_size
     label = f"eval {name or ''}".strip()
-    model = tokenizer = None
-    rows, started = [], time.time()
-    with PeakMemory(hardware.device) as peak:
-        for index, start in enumerate(range(0, len(problems), shard_size)):
-            path = shard_path(out / "shards", index)
-            if path.exists():  # answered before an interruption
-                rows += read_jsonl(path)
-                continue
-            if model is None:  # loaded only when some shard still needs answers
-                model, tokenizer = load()
-            shard = problems[start : start + shard_size]
-            prompts = [chat_prompt(p["question"], preset.generate.instruction) for p in shard]
-            answers = _generate_answers(model, tokenizer, prompts, prompt_texts(tokenizer, prompts), preset,
-                                        label, seed=preset.seed + index)
-            shard_rows = [result_row(domain, problem, *answer) for problem, *answer in zip(shard, *answers)]
-            write_jsonl(path, shard_rows)
-            rows += shard_rows
+    model = tokenizer = questions = None
+    rows, started, peak = [], time.time(), PeakMemory(hardware.device)
+    try:
+        with peak:
+            for index, start in enumerate(range(0, len(problems), shard_size)):
+                path = shard_path(out / "shards", index)
+                if path.exists():  # answered before an interruption, by this fingerprint's model
+                    rows += read_jsonl(path)
+                    continue
+                if model is None:  # loaded only when some shard still needs answers; lengths checked first
+                    questions = fit_questions(model_or_stage, problems, problems_file, preset)
+                    model, tokenizer = load()
+                shard = problems[start : start + shard_size]
+                prompts = [chat_prompt(q, preset.generate.instruction) for q in questions[start : start + shard_size]]
+                answers = _generate_answers(model, tokenizer, prompts, prompt_texts(tokenizer, prompts), preset,
+                                            label, seed=preset.seed + index)
+                shard_rows = [result_row(domain, problem, *answer) for problem, *answer in zip(shard, *answers)]
+                write_jsonl(path, shard_rows)
+                rows += shard_rows
+    finally:  # every session that answered is kept, an interrupted one's too; the summary reports the sum and the max
+        compute = add_session(out, time.time() - started, peak.bytes) if model is not None else read_sessions(out)
     summary = {"model": str(model_or_stage), "problems": len(rows), "accuracy": mean([r["correct"] for r in rows]),
                "reference_errors": sum(r["error"] is not None for r in rows),
                "tokens_per_problem": mean([r["tokens"] for r in rows])}
@@ -82,7 +96,9 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
         }
     if preset.eval.think_budget > 0:
         summary["think_budget"] = preset.eval.think_budget
-    summary |= {"seconds": time.time() - started, "device": hardware.describe(), "peak_memory_bytes": peak.bytes,
+    if questions is not None and (cut := sum(q != p["question"] for q, p in zip(questions, problems))):
+        summary["questions_cut"] = cut  # to fit the model's context (fit_questions)
+    summary |= {"device": hardware.describe(), **compute,
                 "tokens": sum(r["tokens"] + sum(r.get("sample_tokens", [])) for r in rows)}  # generated
     write_jsonl(out / "results.jsonl", rows)
     write_json(out / "summary.json", summary)
@@ -94,6 +110,52 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     if hardware.device == "cuda":
         torch.cuda.empty_cache()
     return summary
+
+
+def fit_questions(model_or_stage: str | Path, problems: list[dict], source: Path, preset: Preset) -> list[str]:
+    """Each problem's question, cut from its start where prompt + the tokens eval generates would pass the model's
+    positions (its config's max_position_embeddings), counted with its tokenizer before the model loads: a 100 KB
+    question would otherwise run the model over 100,000 positions and take gigabytes of memory for nothing."""
+    from transformers import AutoConfig
+
+    base, _ = stage_model_paths(Path(model_or_stage))
+    tokenizer = tokenizer_of(model_or_stage)
+    try:
+        positions = getattr(AutoConfig.from_pretrained(str(base)), "max_position_embeddings", None)
+    except (OSError, ValueError) as error:
+        raise BudgetReasonerError(f"cannot load model {str(base)!r}: {str(error).splitlines()[0]}") from None
+    questions = [problem["question"] for problem in problems]
+    if not positions:
+        return questions
+    generated = preset.eval.max_new_tokens + preset.eval.think_budget
+    room = positions - generated
+    cut = []
+    for index, problem in enumerate(problems):
+        question = problem["question"]
+        for _ in range(4):  # decoding and re-encoding a cut may differ by a token or two: check again
+            length = _prompt_tokens(tokenizer, question, preset)
+            if length <= room:
+                break
+            ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+            if length - len(ids) >= room:
+                raise BudgetReasonerError(
+                    f"{source}: the chat template and instruction alone take {length - len(ids)} of the model's "
+                    f"{positions} positions, leaving no room for a question and {generated} generated tokens; lower "
+                    f"eval.max_new_tokens or shorten generate.instruction")
+            question = tokenizer.decode(ids[length - room + 2 :])
+        if question != problem["question"]:
+            cut.append(str(problem["id"]))
+        questions[index] = question
+    if cut:
+        say(f"eval: {len(cut)} of {len(problems)} questions in {source} are longer than the model's context "
+            f"({positions} positions, {generated} of them kept for generating) and are cut to their last tokens "
+            f"(ids: {', '.join(cut[:5])}{', ...' if len(cut) > 5 else ''})")
+    return questions
+
+
+def _prompt_tokens(tokenizer, question: str, preset: Preset) -> int:
+    text = prompt_texts(tokenizer, [chat_prompt(question, preset.generate.instruction)])[0]
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def result_row(domain: str, problem: dict, completion: str, tokens: int, samples: list) -> dict:
@@ -117,7 +179,7 @@ def result_row(domain: str, problem: dict, completion: str, tokens: int, samples
     return row
 
 
-COUNTS = ("tokens_per_problem", "reference_errors", "think_budget")  # summary numbers that are not fractions
+COUNTS = ("tokens_per_problem", "reference_errors", "think_budget", "questions_cut")  # summary numbers that are not fractions
 
 
 def _generate_answers(model, tokenizer, prompts, texts, preset: Preset, label: str, seed: int):

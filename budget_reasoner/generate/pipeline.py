@@ -22,13 +22,15 @@ from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.eval.generation import chat_prompt
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.hardware import PeakMemory
-from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
-                                write_json, write_jsonl, writes_folder)
+from budget_reasoner.io import (COMPLETE, add_session, claim_stage, mark_complete, read_json, read_jsonl, read_shards,
+                                settings_of, shard_path, write_json, write_jsonl, writes_folder)
 from budget_reasoner.progress import say
 from budget_reasoner.verify import check
 
 PROBLEM_COLUMNS = ("id", "domain", "question", "answer", "source")
+PROBLEM_KINDS = {"question": "text", "domain": "text"}  # the answer may be anything: the grader reports a bad one
 CHAIN_COLUMNS = ("id", "question", "answer", "completion", "correct", "teacher", "sample_index")
+CHAIN_KINDS = {"question": "text", "completion": "text", "correct": "bool"}
 MAX_SFT_CHAINS_PER_PROBLEM = 2
 MAX_PAIRS_PER_PROBLEM = 2
 
@@ -41,20 +43,16 @@ def problem_settings(preset: Preset, domain: str) -> dict:
             "decontaminate": list(gen.decontaminate)}
 
 
-def write_problems(folder: Path, preset: Preset, domain: str = "math") -> tuple[list[dict], list[dict]]:
+def write_problems(folder: Path, preset: Preset, domain: str = "math", overwrite: bool = False) -> tuple[list[dict], list[dict]]:
     """Draw (or reread) the train and held-out problems. A folder drawn with other settings is an error, not a mix.
 
     Train = the domain's procedural problems + the seed sets' training problems, without repeats and without
     any that overlap the held-out split or a `generate.decontaminate` set (13-gram, see decontaminate.py)."""
     folder = Path(folder)
     settings = problem_settings(preset, domain)
-    if is_complete(folder):
-        recorded = read_json(folder / "COMPLETE.json")["settings"]
-        if recorded != settings:
-            raise BudgetReasonerError(
-                f"{folder} holds problems drawn with other settings ({recorded}); use a new --out folder or delete it"
-            )
-        return read_jsonl(folder / "train.jsonl", PROBLEM_COLUMNS), read_jsonl(folder / "held_out.jsonl", PROBLEM_COLUMNS)
+    if claim_stage(folder, "problems", {}, {"problems": settings}, overwrite, record=COMPLETE) is not None:
+        return (read_jsonl(folder / "train.jsonl", PROBLEM_COLUMNS, PROBLEM_KINDS),
+                read_jsonl(folder / "held_out.jsonl", PROBLEM_COLUMNS, PROBLEM_KINDS))
     module = get_domain(domain)
     gen = preset.generate
     train, held_out = module.make_splits(gen.num_train_problems, gen.num_eval_problems, gen.seed, gen.min_steps, gen.max_steps)
@@ -79,32 +77,30 @@ def write_problems(folder: Path, preset: Preset, domain: str = "math") -> tuple[
 
 
 @writes_folder("out")
-def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
+def generate(out: Path, preset: Preset, teacher, domain: str = "math", overwrite: bool = False) -> dict:
     """Sample `samples_per_problem` chains per training problem from `teacher`, verify, build SFT set and pairs.
 
-    `teacher` is a backend from `budget_reasoner.generate.teachers` (anything with `.name` and `.sample`).
+    `teacher` is a backend from `budget_reasoner.generate.teachers` (anything with `.name` and `.sample`; a
+    `.source`, the model's path or name, makes its content part of the folder's fingerprint, else its name is).
+    `out` resumes only what the same teacher and settings started (io.claim_stage); `overwrite` starts over.
     """
     out = Path(out)
-    if (record := finished(out, "generate", "COMPLETE.json")) is not None:
+    settings = {**settings_of(preset, "generate"), "domain": domain}
+    if (record := claim_stage(out, "generate", {"teacher": getattr(teacher, "source", None) or f"teacher:{teacher.name}"},
+                              settings, overwrite, record=COMPLETE)) is not None:
         return record
     gen = preset.generate
-    problems, _ = write_problems(out / "problems", preset, domain)
+    problems, _ = write_problems(out / "problems", preset, domain, overwrite)
     started = time.time()
     chains_dir = out / "chains"
     device = getattr(teacher, "device", None)  # a local teacher's device; a server's memory is not ours to measure
-    with PeakMemory(device or "cpu") as peak:
-        for index, start in enumerate(range(0, len(problems), gen.shard_size)):
-            path = shard_path(chains_dir, index)
-            if path.exists():
-                continue  # finished before an interruption
-            shard = problems[start : start + gen.shard_size]
-            prompts = [chat_prompt(p["question"], gen.instruction) for p in shard]
-            samples = teacher.sample(prompts, gen.samples_per_problem, gen.temperature, gen.max_new_tokens, seed=gen.seed + index)
-            rows = [chain_row(p, sample, k, teacher.name, domain) for p, per_problem in zip(shard, samples)
-                    for k, sample in enumerate(per_problem)]
-            write_jsonl(path, rows)
-            say(f"generate: shard {index} written ({sum(r['correct'] for r in rows)}/{len(rows)} chains verified)")
-    chains = read_shards(chains_dir, CHAIN_COLUMNS)
+    peak = PeakMemory(device or "cpu")
+    try:
+        with peak:
+            _sample_shards(problems, chains_dir, gen, teacher, domain)
+    finally:  # an interrupted session's compute counts too
+        compute = add_session(out, time.time() - started, peak.bytes if device else None)
+    chains = read_shards(chains_dir, CHAIN_COLUMNS, CHAIN_KINDS)
     sft_rows = build_sft_rows(chains, gen.instruction)
     pair_rows = build_pairs(chains, gen.instruction, getattr(get_domain(domain), "rejected_prefix", None))
     write_jsonl(out / "sft" / "train.jsonl", sft_rows)
@@ -119,16 +115,30 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math") -> dict:
         "teacher_pass_rate": sum(row["correct"] for row in chains) / max(1, len(chains)),
         "sft_examples": len(sft_rows),
         "pairs": len(pair_rows),
-        "seconds": time.time() - started,
         "tokens": sum(row.get("tokens") or 0 for row in chains),  # generated by a local teacher (a server's: not counted)
         "device": device or "server",
-        "peak_memory_bytes": peak.bytes if device else None,
+        **compute,  # seconds summed over sessions, peak the highest
     }
     if not sft_rows:
         raise BudgetReasonerError(f"generate: the verifier accepted none of {len(chains)} teacher chains; check the teacher and --preset")
     write_json(out / "summary.json", summary)
     mark_complete(out, summary)
     return summary
+
+
+def _sample_shards(problems: list[dict], chains_dir: Path, gen, teacher, domain: str) -> None:
+    """Sample and verify the chains of each shard of problems not yet on disk."""
+    for index, start in enumerate(range(0, len(problems), gen.shard_size)):
+        path = shard_path(chains_dir, index)
+        if path.exists():
+            continue  # finished before an interruption
+        shard = problems[start : start + gen.shard_size]
+        prompts = [chat_prompt(p["question"], gen.instruction) for p in shard]
+        samples = teacher.sample(prompts, gen.samples_per_problem, gen.temperature, gen.max_new_tokens, seed=gen.seed + index)
+        rows = [chain_row(p, sample, k, teacher.name, domain) for p, per_problem in zip(shard, samples)
+                for k, sample in enumerate(per_problem)]
+        write_jsonl(path, rows)
+        say(f"generate: shard {index} written ({sum(r['correct'] for r in rows)}/{len(rows)} chains verified)")
 
 
 def chain_row(problem: dict, sample, index: int, teacher: str, domain: str) -> dict:

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import PeakMemory
-from budget_reasoner.io import mark_complete, read_json, write_json
+from budget_reasoner.io import add_session, mark_complete, read_json, write_json
 from budget_reasoner.models import describe_precision, load_model, torch_dtype
 from budget_reasoner.plan import prepare_for_kbit_training, training_plan
 from budget_reasoner.progress import progress_bar, say
@@ -105,8 +105,10 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
 def train_with_resume(trainer, output_dir: Path) -> dict:
     """Train, resuming from the newest complete checkpoint of an interrupted run.
 
-    Returns what the stage record keeps of the run: the log `history`, the wall `seconds` of this
-    session's training, the input `tokens` seen and the `peak_memory_bytes`."""
+    Returns what the stage record keeps of the run: the log `history`, the input `tokens` seen, and its compute
+    over every session that worked on it (sessions.json: one entry per session, interrupted ones included):
+    `seconds` summed, `peak_memory_bytes` the highest, and the `sessions` themselves. A session killed outright
+    (SIGKILL, the OOM killer) has no chance to write its entry and is missing from the sums."""
     checkpoints = output_dir / "checkpoints"
     had_checkpoints = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
     last = last_complete_checkpoint(checkpoints)
@@ -119,11 +121,90 @@ def train_with_resume(trainer, output_dir: Path) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
     trainer.add_callback(RichProgressCallback())
-    started = time.time()
-    with PeakMemory(trainer.args.device.type) as peak:
-        trainer.train(resume_from_checkpoint=last)
-    return {"history": trainer.state.log_history, "seconds": time.time() - started,
-            "tokens": int(trainer.state.num_input_tokens_seen), "peak_memory_bytes": peak.bytes}
+    started, peak = time.time(), PeakMemory(trainer.args.device.type)
+    try:
+        with peak:
+            trainer.train(resume_from_checkpoint=last)
+    finally:
+        compute = add_session(output_dir, time.time() - started, peak.bytes, resumed_from_step=_step_of(last),
+                              reached_step=int(trainer.state.global_step))
+    return {"history": trainer.state.log_history, "tokens": int(trainer.state.num_input_tokens_seen), **compute}
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+def check_adapter(adapter: Path) -> None:
+    """A LoRA adapter folder peft can load: its config parses and its weights file is whole. Checked before any
+    model loads: peft reports a missing or truncated file as a hub 'Repo id' error, after the base has loaded."""
+    adapter = Path(adapter)
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise BudgetReasonerError(f"{adapter}: no adapter_config.json; not a LoRA adapter folder")
+    read_json(config)  # one line when it is not valid JSON
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (adapter / "adapter_model.bin").is_file():
+            return  # the older torch format: torch.load reports its own damage
+        raise BudgetReasonerError(f"{weights}: file not found; the adapter folder is incomplete")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)  # the header names every tensor's byte range: a truncated file fails here
+        size, expected = weights.stat().st_size, _safetensors_size(weights)
+        if size < expected:
+            raise ValueError(f"{size:,} bytes, its header describes {expected:,}")
+    except Exception as error:  # safetensors' own error types vary by version
+        raise BudgetReasonerError(f"{weights}: not a loadable safetensors file ({str(error).splitlines()[0]}); "
+                                  f"the adapter is corrupt or cut short") from None
+
+
+def _safetensors_size(path: Path) -> int:
+    """The bytes a safetensors file must have: 8 + its JSON header + the end of its last tensor."""
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    return 8 + length + max(ends, default=0)
+
+
+def check_prompt_lengths(tokenizer, rows: list[dict], source: Path, limit: int, what: str) -> None:
+    """Refuse, with a count, rows whose prompt alone has `limit` tokens or more (`what` names the limit): their
+    completion would be cut away entirely, so they would train nothing; say how many others are cut short.
+    Counted with the tokenizer before any model loads."""
+    prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False) for row in rows]
+    prompt_tokens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    completions = [row["completion"][0]["content"] if "completion" in row else row["chosen"][0]["content"] for row in rows]
+    completion_tokens = [len(ids) + 1 for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]  # + EOS
+    too_long = [number for number, count in enumerate(prompt_tokens, 1) if count >= limit]
+    longest = max(prompt_tokens, default=0)
+    truncated = sum(p < limit < p + c for p, c in zip(prompt_tokens, completion_tokens))
+    if too_long:
+        raise BudgetReasonerError(
+            f"{source}: {len(too_long)} of {len(rows)} prompts are at least {what} ({limit} tokens; the longest "
+            f"{longest:,}), so none of their completion would be trained (first: example {too_long[0]}); shorten or "
+            f"drop them, or raise {what}"
+        )
+    if truncated:
+        say(f"{source}: {truncated} of {len(rows)} examples are longer than {what} ({limit} tokens) and are cut to it")
+
+
+def tokenizer_of(model_or_stage: str | Path):
+    """The tokenizer of a model or stage folder, loaded alone (seconds) so inputs are checked before the model loads."""
+    from budget_reasoner.models import load_tokenizer
+
+    base, adapter = stage_model_paths(Path(model_or_stage))
+    try:
+        return load_tokenizer(adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base)
+    except (OSError, ValueError) as error:
+        raise BudgetReasonerError(f"cannot load the tokenizer of {str(model_or_stage)!r}: "
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
 def stage_info(stage: str, preset, hardware, **counts) -> dict:
@@ -184,8 +265,10 @@ def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
     stage_dir = Path(stage_dir)
     if (stage_dir / "stage.json").is_file():
         record = read_json(stage_dir / "stage.json")
+        check_adapter(stage_dir / record["adapter"])
         return resolve_recorded_base(record["base"], stage_dir), stage_dir / record["adapter"]
     if (stage_dir / "adapter_config.json").is_file():
+        check_adapter(stage_dir)
         return read_json(stage_dir / "adapter_config.json")["base_model_name_or_path"], stage_dir
     return str(stage_dir.resolve()) if stage_dir.exists() else str(stage_dir), None
 

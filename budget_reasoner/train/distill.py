@@ -23,16 +23,16 @@ from transformers import Trainer, TrainingArguments
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
-from budget_reasoner.io import (finished, is_complete, mark_complete, read_json, read_jsonl, read_shards, shard_path,
-                                write_jsonl, writes_folder)
+from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, mark_complete, read_json, read_jsonl,
+                                read_shards, settings_of, shard_path, write_jsonl, writes_folder)
 from budget_reasoner.kernels import linear_topk_logprobs
 from budget_reasoner.kernels.patch import final_hidden_states, final_logit_softcap, fused_kd_loss, lm_head_weight
 from budget_reasoner.memory import teacher_cache_batch
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, pad_batch, save_stage,
-                                          stage_info, train_with_resume, training_arguments, with_lora)
-from budget_reasoner.train.sft import SFT_COLUMNS
+                                          stage_info, tokenizer_of, train_with_resume, training_arguments, with_lora)
+from budget_reasoner.train.sft import SFT_COLUMNS, SFT_KINDS
 
 CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
 
@@ -46,7 +46,7 @@ def tokenizer_hash(tokenizer) -> str:
 @writes_folder("cache_dir")
 @torch.no_grad()
 def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path, preset: Preset,
-                       hardware: Hardware | None = None) -> dict:
+                       hardware: Hardware | None = None, overwrite: bool = False) -> dict:
     """Run the teacher once over every example of `sft_file`; save the top-k log-probs at each position.
 
     The teacher loads as the preset loads models (4-bit on the GPU presets, so a 7B teacher fits a T4) and
@@ -54,13 +54,17 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     shard (`generate.shard_size` examples) at a time; a rerun skips finished shards.
     """
     cache_dir = Path(cache_dir)
-    if is_complete(cache_dir):
-        return read_json(cache_dir / "COMPLETE.json")
+    rows = read_jsonl(sft_file, SFT_COLUMNS, SFT_KINDS)
+    # the shard size sets which examples each shard holds, so a resume with another one would mix layouts
+    settings = settings_of(preset, *MODEL_SETTINGS, "distill.top_k", "generate.shard_size")
+    if (info := claim_stage(cache_dir, "teacher top-k cache", {"teacher": teacher_path, "data": sft_file}, settings,
+                            overwrite, record="COMPLETE.json")) is not None:
+        return info
     hardware = hardware or hardware_for(preset)
-    rows = read_jsonl(sft_file, SFT_COLUMNS)
+    tokenizer = tokenizer_of(teacher_path)
+    check_sequence_lengths(tokenizer, rows, sft_file, teacher_path)
     started = time.time()
     teacher = load_model(teacher_path, preset, hardware).eval()
-    tokenizer = load_tokenizer(teacher_path)
     weight, device = lm_head_weight(teacher), next(teacher.parameters()).device
     top_k, shard_size, batch_size = preset.distill.top_k, preset.generate.shard_size, teacher_cache_batch(preset)
     tokens = 0
@@ -85,10 +89,30 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
                                    "topk_logprobs": [[round(v, 5) for v in row] for row in logprobs.tolist()]})
                 bar.advance(task, len(encoded))
             write_jsonl(shard_path(cache_dir, index), cached)
+    compute = add_session(cache_dir, time.time() - started, peak.bytes)  # summed over the sessions that wrote shards
     info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(rows),
-            "seconds": time.time() - started, "tokens": tokens, "device": hardware.describe(), "peak_memory_bytes": peak.bytes}
+            "tokens": tokens, "device": hardware.describe(), **compute}
     mark_complete(cache_dir, info)
     return info
+
+
+def check_sequence_lengths(tokenizer, rows: list[dict], sft_file: Path, teacher_path: str | Path) -> None:
+    """The teacher scores whole sequences (nothing is cut): refuse, with a count, any longer than its positions."""
+    from transformers import AutoConfig
+
+    try:
+        positions = getattr(AutoConfig.from_pretrained(str(teacher_path)), "max_position_embeddings", None)
+    except OSError as error:
+        raise BudgetReasonerError(f"cannot load model {str(teacher_path)!r}: {str(error).splitlines()[0]}") from None
+    if not positions:
+        return
+    lengths = [len(encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])[0]) for row in rows]
+    too_long = [number for number, length in enumerate(lengths, 1) if length > positions]
+    if too_long:
+        raise BudgetReasonerError(
+            f"{sft_file}: {len(too_long)} of {len(rows)} examples are longer than the teacher's {positions} positions "
+            f"(the longest {max(lengths):,} tokens; first: example {too_long[0]}); shorten or drop them"
+        )
 
 
 def collate_kd(examples: list[dict], pad_id: int) -> dict:
@@ -134,16 +158,26 @@ class KDTrainer(Trainer):
 
 @writes_folder("out")
 def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
-            report_to: str = "none") -> dict:
-    """Continue the student (a stage folder with an adapter) on the teacher's cached top-k distribution."""
+            report_to: str = "none", overwrite: bool = False) -> dict:
+    """Continue the student (a stage folder with an adapter) on the teacher's cached top-k distribution.
+
+    The cache is verified first (every shard its manifest lists present and whole): a missing shard is an error,
+    never a smaller dataset. `out` resumes only what the same cache, student and settings started."""
     from datasets import Dataset
 
     out = Path(out)
-    if (record := finished(out, "distill")) is not None:
+    if not (Path(cache_dir) / "COMPLETE.json").is_file():
+        raise BudgetReasonerError(f"{cache_dir}: not a complete teacher cache (no COMPLETE.json); run the cache first")
+    settings = settings_of(preset, *MODEL_SETTINGS, "lora", "distill")
+    if (record := claim_stage(out, "distill", {"cache": cache_dir, "student": student_stage}, settings,
+                              overwrite)) is not None:
         return record
     hardware = hardware or hardware_for(preset)
     info = read_json(Path(cache_dir) / "COMPLETE.json")
-    rows = read_shards(cache_dir, CACHE_COLUMNS)
+    rows = read_shards(cache_dir, CACHE_COLUMNS)  # the shards the manifest lists, verified by claim_stage above
+    if len(rows) != info.get("examples", len(rows)):
+        raise BudgetReasonerError(f"{cache_dir}: its shards hold {len(rows)} examples, its COMPLETE.json says "
+                                  f"{info['examples']}; the cache is damaged: rerun with --overwrite")
     model, base = load_for_training(student_stage, preset, hardware)
     tokenizer = load_tokenizer(base)
     if tokenizer_hash(tokenizer) != info["tokenizer_hash"]:

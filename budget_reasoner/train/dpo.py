@@ -14,12 +14,14 @@ from pathlib import Path
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, read_jsonl, writes_folder
+from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import load_for_training, save_stage, stage_info, train_with_resume, training_arguments
+from budget_reasoner.train.common import (check_prompt_lengths, load_for_training, save_stage, stage_info, tokenizer_of,
+                                          train_with_resume, training_arguments)
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+PAIR_KINDS = {"prompt": "messages", "chosen": "messages", "rejected": "messages"}
 
 
 def loss_settings(preset: Preset) -> dict:
@@ -29,13 +31,19 @@ def loss_settings(preset: Preset) -> dict:
     return {"loss_type": ["sigmoid"]}
 
 
+def read_pairs(pairs_file: Path) -> list[dict]:
+    rows = read_jsonl(pairs_file, PAIR_COLUMNS, PAIR_KINDS)
+    if not rows:
+        raise BudgetReasonerError(f"{pairs_file}: no preference pairs (the teacher was never both right and wrong on a problem)")
+    return rows
+
+
 def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: Hardware, report_to: str = "none"):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    rows = read_jsonl(pairs_file, PAIR_COLUMNS)
-    if not rows:
-        raise BudgetReasonerError(f"{pairs_file}: no preference pairs (the teacher was never both right and wrong on a problem)")
+    rows = read_pairs(pairs_file)
+    check_prompt_lengths(tokenizer_of(sft_stage), rows, pairs_file, preset.model.max_length, "model.max_length")
     dataset = Dataset.from_list([{key: row[key] for key in PAIR_COLUMNS} for row in rows])
     model, base = load_for_training(sft_stage, preset, hardware)
     if not hasattr(model, "peft_config"):
@@ -49,10 +57,14 @@ def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Pres
 
 @writes_folder("out")
 def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: Hardware | None = None,
-        report_to: str = "none") -> dict:
-    """Continue the SFT adapter with DPO on `pairs_file`; write the new adapter (same base) to `out`."""
+        report_to: str = "none", overwrite: bool = False) -> dict:
+    """Continue the SFT adapter with DPO on `pairs_file`; write the new adapter (same base) to `out`.
+
+    `out` resumes only what the same pairs, sft stage and settings started (io.claim_stage); `overwrite` starts over."""
     out = Path(out)
-    if (record := finished(out, "dpo")) is not None:
+    read_pairs(pairs_file)  # bad rows are one line before anything is claimed
+    settings = settings_of(preset, *MODEL_SETTINGS, "lora", "dpo")
+    if (record := claim_stage(out, "dpo", {"pairs": pairs_file, "sft": sft_stage}, settings, overwrite)) is not None:
         return record
     hardware = hardware or hardware_for(preset)
     trainer, tokenizer, base, num_pairs = build_dpo_trainer(pairs_file, sft_stage, out, preset, hardware, report_to)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from budget_reasoner.config import Preset
 from budget_reasoner.hardware import Hardware, hardware_for
-from budget_reasoner.io import finished, read_jsonl, writes_folder
-from budget_reasoner.models import describe_precision, load_tokenizer
+from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
+from budget_reasoner.models import describe_precision
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import (load_for_training, save_stage, stage_info, train_with_resume, training_arguments,
-                                          with_lora)
+from budget_reasoner.train.common import (check_prompt_lengths, load_for_training, save_stage, stage_info,
+                                          tokenizer_of, train_with_resume, training_arguments, with_lora)
 
 SFT_COLUMNS = ("prompt", "completion")
+SFT_KINDS = {"prompt": "messages", "completion": "messages"}
 
 
 def fused_sft_trainer_class():
@@ -39,20 +40,24 @@ def fused_sft_trainer_class():
 
 @writes_folder("out")
 def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware: Hardware | None = None,
-        report_to: str = "none") -> dict:
-    """Fine-tune `student` (a model path or hub id) with a fresh LoRA adapter on `sft_file` (JSONL); write to `out`."""
+        report_to: str = "none", overwrite: bool = False) -> dict:
+    """Fine-tune `student` (a model path or hub id) with a fresh LoRA adapter on `sft_file` (JSONL); write to `out`.
+
+    `out` resumes only what the same data, student and settings started (io.claim_stage); `overwrite` starts over."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     out = Path(out)
-    if (record := finished(out, "sft")) is not None:
+    rows = read_jsonl(sft_file, SFT_COLUMNS, SFT_KINDS)  # before anything is claimed or loaded
+    settings = settings_of(preset, *MODEL_SETTINGS, "lora", "sft")
+    if (record := claim_stage(out, "sft", {"data": sft_file, "student": student}, settings, overwrite)) is not None:
         return record
     hardware = hardware or hardware_for(preset)
-    rows = read_jsonl(sft_file, SFT_COLUMNS)
+    tokenizer = tokenizer_of(student)
+    check_prompt_lengths(tokenizer, rows, sft_file, preset.model.max_length, "model.max_length")
     dataset = Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]} for row in rows])
     model, base = load_for_training(student, preset, hardware)
     model = with_lora(model, preset, preset.sft.gradient_checkpointing, hardware)
-    tokenizer = load_tokenizer(base)
     say(f"sft: {len(rows)} chains; {describe_precision(preset, hardware)}; "
         f"{'fused chunked' if preset.sft.fused_loss else 'standard'} cross-entropy")
     args = training_arguments(SFTConfig, preset.sft, preset, hardware, out, report_to,
