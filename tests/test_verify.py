@@ -89,6 +89,14 @@ def test_a_pathological_expression_costs_its_timeout_inside_a_thread_then_the_wo
     assert check("math", "\\boxed{\\sqrt{12}}", "2\\sqrt{3}")  # a fresh worker answers the next one
 
 
+def test_waiting_for_another_threads_slow_comparison_is_not_charged_to_an_answer():
+    slow = threading.Thread(target=grade_math, args=("\\boxed{9^{9^{9^{9}}}}", "2\\sqrt{3}"), kwargs={"timeout": 2.0})
+    slow.start()
+    time.sleep(0.3)  # the slow one holds the worker for 2 s; this answer has 1 s of its own after that
+    assert grade_math("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", timeout=1.0).correct
+    slow.join()
+
+
 def test_starting_the_worker_is_not_charged_to_the_first_grade():
     from budget_reasoner.verify.math import Verdict
     from budget_reasoner.verify.symbolic import worker

@@ -41,19 +41,22 @@ class SymbolicWorker:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._buffer = b""
-        self.startup_seconds = 0.0  # all time spent starting workers: `Deadline`s do not count it
+        # Per thread, the time spent waiting for the lock (another thread's comparison) or starting a worker:
+        # neither is this thread's answers' fault, so `Deadline`s do not count it.
+        self._uncharged = threading.local()
 
     def compare(self, gold: str, pred: str | None, deadline: float) -> tuple[str, bool | None]:
         """(reference kind, equal): kind is "math", "text" or "invalid"; equal is None without `pred`.
 
         Raises SymbolicTimeout past `deadline` (a `time.monotonic()` value), after killing the worker."""
+        waiting = time.monotonic()
         with self._lock:
             for _ in range(2):  # a worker that died between calls is replaced once
-                starting = time.monotonic()
                 process = self._ensure_started()
-                startup = time.monotonic() - starting  # starting a worker is not this answer's time
-                deadline += startup
-                self.startup_seconds += startup
+                uncharged = time.monotonic() - waiting
+                deadline += uncharged
+                self._uncharged.seconds = self.uncharged_seconds() + uncharged
+                waiting = time.monotonic()
                 try:
                     process.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
                     process.stdin.flush()
@@ -74,6 +77,10 @@ class SymbolicWorker:
             except EOFError:  # so did the prediction: not equal
                 self._stop()
                 return kind, False
+
+    def uncharged_seconds(self) -> float:
+        """This thread's total of lock waits and worker starts so far."""
+        return getattr(self._uncharged, "seconds", 0.0)
 
     def _ensure_started(self) -> subprocess.Popen:
         if self._process is not None and self._process.poll() is None:
@@ -154,14 +161,15 @@ class SymbolicWorker:
 
 
 class Deadline:
-    """A time limit shared by several comparisons, which time spent starting the worker does not use up."""
+    """A time limit shared by one thread's comparisons (one grade), which waiting for another thread's
+    comparison or for a worker to start does not use up."""
 
     def __init__(self, seconds: float):
-        self._end, self._startups = time.monotonic() + seconds, worker.startup_seconds
+        self._end, self._uncharged = time.monotonic() + seconds, worker.uncharged_seconds()
 
     def at(self) -> float:
-        """The limit as a `time.monotonic()` value, pushed back by every worker start since it was set."""
-        return self._end + worker.startup_seconds - self._startups
+        """The limit as a `time.monotonic()` value, pushed back by this thread's waits since it was set."""
+        return self._end + worker.uncharged_seconds() - self._uncharged
 
 
 worker = SymbolicWorker()
