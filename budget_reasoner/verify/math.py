@@ -199,15 +199,17 @@ def reference_problem(reference: str, deadline: Deadline) -> str | None:
         return None
     if _too_big_for_sympy(reference):
         return f"reference answer {reference[:40]!r}... is too long or too deeply nested to grade"
-    if reference not in _reference_problems:
-        try:
-            kind, _ = worker.compare(reference, None, deadline.at())
-        except SymbolicTimeout:
-            return f"reference answer {reference[:40]!r} did not parse within the time limit"  # not cached: may be load
-        if len(_reference_problems) > 100_000:
-            _reference_problems.clear()
-        _reference_problems[reference] = f"reference answer {reference!r} could not be parsed" if kind == "invalid" else None
-    return _reference_problems[reference]
+    if reference in _reference_problems:
+        return _reference_problems.get(reference)
+    try:
+        kind, _ = worker.compare(reference, None, deadline.at())
+    except SymbolicTimeout:
+        return f"reference answer {reference[:40]!r} did not parse within the time limit"  # not cached: may be load
+    problem = f"reference answer {reference!r} could not be parsed" if kind == "invalid" else None
+    if len(_reference_problems) > 100_000:
+        _reference_problems.clear()
+    _reference_problems[reference] = problem
+    return problem
 
 
 def reference_text(reference) -> str | Verdict:
