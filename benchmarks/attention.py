@@ -1,7 +1,7 @@
 """Fused attention (budget_flash) vs PyTorch SDPA and the naive reference: forward+backward time and peak memory.
 
     python benchmarks/attention.py                       # GPU: T in 1k/4k/8k, D=128, 32 query / 8 kv heads, bf16
-    TRITON_INTERPRET=1 python benchmarks/attention.py    # CPU: correctness only, small shapes
+    TRITON_INTERPRET=1 python benchmarks/attention.py    # CPU: errors at every GPU's block configuration
 
 On a GPU each case reports the best of a few timed runs and torch.cuda.max_memory_allocated above the inputs.
 """
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from budget_reasoner.kernels.attention import flash_attention
+from budget_reasoner.kernels.attention import flash_attention, kernel_configs, shared_memory_bytes
 
 
 def run(backend, q, k, v, repeats):
@@ -46,18 +46,41 @@ def gpu(lengths, repeats):
             print(f"{length:>6} {backend:>10} {seconds * 1e3:>11.2f} {flops / seconds / 1e12:>8.1f} {peak / 2**20:>9.0f}")
 
 
-def cpu_correctness():
-    torch.manual_seed(0)
-    q = torch.randn(1, 4, 37, 64, requires_grad=True)
-    k = torch.randn(1, 2, 37, 64, requires_grad=True)
-    v = torch.randn(1, 2, 37, 64, requires_grad=True)
-    results = {}
+CAPABILITIES = {"sm75": (7, 5), "sm86": (8, 6), "sm80": (8, 0), "sm90": (9, 0)}
+
+
+def max_errors(q, k, v, keys, configs):
+    """Max abs error of (out, dq, dk, dv): the kernel on q, k, v vs the fp32 reference on the same values."""
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(7))
+    results = []
     for backend in ("triton", "reference"):
-        out = flash_attention(q, k, v, backend=backend)
-        grads = torch.autograd.grad(out.sum(), (q, k, v))
-        results[backend] = (out, *grads)
-    errors = [(a - b).abs().max().item() for a, b in zip(results["triton"], results["reference"])]
-    print("CPU (interpreter), T=37, D=64, GQA 4/2, causal: max abs error out %.2e, dq %.2e, dk %.2e, dv %.2e" % tuple(errors))
+        inputs = [t if backend == "triton" else t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*inputs, backend=backend, key_padding_mask=keys, configs=configs if backend == "triton" else None)
+        results.append((out, *torch.autograd.grad(out, inputs, upstream.to(out.dtype))))
+    return [(a.float() - b).abs().max().item() for a, b in zip(*results)]
+
+
+def cpu_correctness():
+    """Every (head dim, GPU) configuration of the table, run by the interpreter at its real tile sizes: causal,
+    GQA 2:1, batch 2 with a right-padded and a left-padded row, T odd and past two of the larger tile."""
+    print(f"{'D':>4} {'GPU':>5} {'forward':>26} {'backward':>26} {'shared B':>16} "
+          f"{'fp32 out':>9} {'fp32 grad':>9} {'bf16 out':>9} {'bf16 grad':>9} {'fp16 out':>9} {'fp16 grad':>9}")
+    for dim in (64, 128, 256):
+        for arch, capability in CAPABILITIES.items():
+            row = []
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                configs = kernel_configs(dim, capability, torch.bfloat16)  # fp32 runs the same tiles
+                length = max(configs[0].block_m, configs[1].block_m, configs[1].block_n) + 17
+                generator = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(2, h, length, dim, generator=generator).to(dtype).requires_grad_() for h in (2, 1, 1))
+                keys = torch.ones(2, length, dtype=torch.bool)
+                keys[0, length - 11:] = False
+                keys[1, :5] = False
+                errors = max_errors(q, k, v, keys, configs)
+                row += [errors[0], max(errors[1:])]
+            shared = "/".join(str(shared_memory_bytes(c, dim, 2, backward=b)) for b, c in enumerate(configs))
+            print(f"{dim:>4} {arch:>5} {str(configs[0]):>26} {str(configs[1]):>26} {shared:>16} "
+                  + " ".join(f"{e:>9.1e}" for e in row), flush=True)
 
 
 def main():

@@ -1,6 +1,7 @@
 """Triton kernels of `attention.flash_attention` (forward, dK/dV, dQ) and their autograd Function.
 
-Layout: q, o, do: (B, H, T, D); k, v: (B, KVH, T, D), all contiguous; lse, delta: (B, H, T) fp32.
+Layout: q, o, do: (B, H, T, D); k, v: (B, KVH, T, D), all contiguous; lse, delta: (B, H, T) fp32;
+keys (optional): (B, T) int8, nonzero where the key exists.
 Import after setting TRITON_INTERPRET=1 to run them on CPU tensors.
 """
 
@@ -9,8 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import InterpreterError, TritonError
 
-from budget_reasoner.kernels.attention import block_sizes
+from budget_reasoner.kernels.attention import (
+    BlockConfig, _say_once, device_capability, fallback_configs, padded_head_dim, shared_memory_budget,
+)
 
 
 @triton.jit
@@ -27,22 +31,33 @@ def _load_tile(base, rows, offs_d, T, D: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _probabilities(q, k, rows, cols, lse, scale, T, CAUSAL: tl.constexpr):
-    """The softmax probabilities of a (rows x cols) block, recomputed from the saved log-sum-exp."""
+def _key_ok(KEYS, b, cols, T, HAS_KEYS: tl.constexpr):
+    """Which of these key columns exist: inside T and, with a key-padding mask, not padding."""
+    ok = cols < T
+    if HAS_KEYS:
+        ok = ok & (tl.load(KEYS + b * T + cols, mask=cols < T, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _probabilities(q, k, rows, cols, key_ok, lse, scale, T, CAUSAL: tl.constexpr):
+    """The softmax probabilities of a (rows x cols) block, recomputed from the saved log-sum-exp.
+    A row that saw no key saved lse = +inf, so its probabilities are exp(-inf) = 0 whatever the mask."""
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-    valid = (rows[:, None] < T) & (cols[None, :] < T)
+    valid = (rows[:, None] < T) & key_ok[None, :]
     if CAUSAL:
         valid = valid & (rows[:, None] >= cols[None, :])
     return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, scale, T, H, GROUPS,
-                    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_kernel(Q, K, V, O, LSE, KEYS, scale, T, H, GROUPS,
+                    CAUSAL: tl.constexpr, HAS_KEYS: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     kv_bh = _kv_row(bh, H, GROUPS)
+    b = bh // H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -57,28 +72,28 @@ def _forward_kernel(Q, K, V, O, LSE, scale, T, H, GROUPS,
         k = _load_tile(K + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
         v = _load_tile(V + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        valid = cols[None, :] < T
+        valid = _key_ok(KEYS, b, cols, T, HAS_KEYS)[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= cols[None, :])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no valid key
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T, or with only padding keys so far
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key: 0, not 0/0
     row_mask = offs_m < T
     tl.store(O + bh * T * D + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + bh * T + offs_m, m_i + tl.log(l_safe), mask=row_mask)
+    tl.store(LSE + bh * T + offs_m, tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf")), mask=row_mask)
 
 
 @triton.jit
-def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, H, GROUPS,
-                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEYS, scale, T, H, GROUPS,
+                          CAUSAL: tl.constexpr, HAS_KEYS: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of one query head: dV = sum P^T dO, dK = scale * sum dS^T Q over the query blocks."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
@@ -87,6 +102,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, H, GROUPS,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
+    key_ok = _key_ok(KEYS, bh // H, offs_n, T, HAS_KEYS)  # a padding key gets no probability, so dK = dV = 0
     k = _load_tile(K + kv_bh * T * D, offs_n, offs_d, T, D, UPCAST)
     v = _load_tile(V + kv_bh * T * D, offs_n, offs_d, T, D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -98,7 +114,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, H, GROUPS,
         do = _load_tile(DO + bh * T * D, rows, offs_d, T, D, UPCAST)
         lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)
         delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
-        p = _probabilities(q, k, rows, offs_n, lse, scale, T, CAUSAL)
+        p = _probabilities(q, k, rows, offs_n, key_ok, lse, scale, T, CAUSAL)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - delta[:, None])
@@ -109,13 +125,14 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, H, GROUPS,
 
 
 @triton.jit
-def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, H, GROUPS,
-                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEYS, scale, T, H, GROUPS,
+                        CAUSAL: tl.constexpr, HAS_KEYS: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block: dQ = scale * sum dS K over the key blocks."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     kv_bh = _kv_row(bh, H, GROUPS)
+    b = bh // H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -131,7 +148,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, H, GROUPS,
         cols = start_n + offs_n
         k = _load_tile(K + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
         v = _load_tile(V + kv_bh * T * D, cols, offs_d, T, D, UPCAST)
-        p = _probabilities(q, k, offs_m, cols, lse, scale, T, CAUSAL)
+        p = _probabilities(q, k, offs_m, cols, _key_ok(KEYS, b, cols, T, HAS_KEYS), lse, scale, T, CAUSAL)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k).to(tl.float32)
@@ -144,40 +161,77 @@ def _upcast(q: torch.Tensor) -> bool:
     return not q.is_cuda and q.dtype != torch.float32
 
 
+_compiled: dict[tuple, BlockConfig] = {}  # (pass, head dim, dtype, capability, asked) -> the one that compiled
+
+
+def _run(which: str, config: BlockConfig, q: torch.Tensor, launch) -> None:
+    """launch(config) with the table's configuration; if it fails to compile (shared memory, registers, ptxas),
+    the next smaller one that fits, said once. Interpreter errors are bugs and propagate."""
+    dim, capability = q.shape[-1], device_capability(q.device)
+    key = (which, dim, q.dtype, capability, config)
+    if key in _compiled:
+        return launch(_compiled[key])
+    budget = shared_memory_budget(capability)
+    candidates = [config, *fallback_configs(config, dim, q.element_size(), which == "backward", budget)]
+    for tried, candidate in enumerate(candidates):
+        try:
+            launch(candidate)
+        except TritonError as error:
+            if isinstance(error, InterpreterError) or tried + 1 == len(candidates):
+                raise
+            _say_once(f"budget_flash: {which} at {candidate} does not compile on sm{capability[0]}{capability[1]} "
+                      f"(head dim {dim}, {str(q.dtype).removeprefix('torch.')}: {type(error).__name__}); "
+                      f"using {candidates[tried + 1]}")
+            continue
+        _compiled[key] = candidate
+        return
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
+    def forward(ctx, q, k, v, keys, causal: bool, scale: float, configs: tuple[BlockConfig, BlockConfig]):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         batch, heads, length, dim = q.shape
         groups = heads // k.shape[1]
-        block_m, block_n = block_sizes(dim, q.device)
         out = torch.empty_like(q)
         lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(length, block_m), batch * heads)
-        _forward_kernel[grid](q, k, v, out, lse, scale, length, heads, groups, CAUSAL=causal, UPCAST=_upcast(q), D=dim,
-                              BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
+
+        def launch(c: BlockConfig):
+            _forward_kernel[(triton.cdiv(length, c.block_m), batch * heads)](
+                q, k, v, out, lse, q if keys is None else keys, scale, length, heads, groups,
+                CAUSAL=causal, HAS_KEYS=keys is not None, UPCAST=_upcast(q), D=dim, BLOCK_D=padded_head_dim(dim),
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+
+        _run("forward", configs[0], q, launch)
+        ctx.save_for_backward(q, k, v, out, lse, keys)
+        ctx.causal, ctx.scale, ctx.configs = causal, scale, configs
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, keys = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         groups = heads // kv_heads
-        block_m, block_n = block_sizes(dim, q.device)
         delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O), the softmax backward's correction
         dq = torch.empty_like(q)
         dk_per_head = torch.empty((batch, heads, length, dim), dtype=k.dtype, device=k.device)
         dv_per_head = torch.empty((batch, heads, length, dim), dtype=v.dtype, device=v.device)
-        common = dict(CAUSAL=ctx.causal, UPCAST=_upcast(q), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n)
-        _backward_dkdv_kernel[(triton.cdiv(length, block_n), batch * heads)](
-            q, k, v, grad_out, lse, delta, dk_per_head, dv_per_head, ctx.scale, length, heads, groups, **common)
-        _backward_dq_kernel[(triton.cdiv(length, block_m), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, ctx.scale, length, heads, groups, **common)
+        key_pointer = q if keys is None else keys
+
+        def launch(c: BlockConfig):
+            common = dict(CAUSAL=ctx.causal, HAS_KEYS=keys is not None, UPCAST=_upcast(q), D=dim,
+                          BLOCK_D=padded_head_dim(dim), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                          num_warps=c.num_warps, num_stages=c.num_stages)
+            _backward_dkdv_kernel[(triton.cdiv(length, c.block_n), batch * heads)](
+                q, k, v, grad_out, lse, delta, dk_per_head, dv_per_head, key_pointer, ctx.scale, length, heads, groups,
+                **common)
+            _backward_dq_kernel[(triton.cdiv(length, c.block_m), batch * heads)](
+                q, k, v, grad_out, lse, delta, dq, key_pointer, ctx.scale, length, heads, groups, **common)
+
+        _run("backward", ctx.configs[1], q, launch)
         # each key/value head served `groups` query heads: its gradient is their sum
         dk = dk_per_head.view(batch, kv_heads, groups, length, dim).sum(2, dtype=torch.float32).to(k.dtype)
         dv = dv_per_head.view(batch, kv_heads, groups, length, dim).sum(2, dtype=torch.float32).to(v.dtype)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None, None
