@@ -71,11 +71,12 @@ class LoraConfig:
 class PretrainConfig:
     """Offline bootstrap only: how long the tiny teacher and student base train from scratch.
 
-    The teacher trains until its greedy accuracy on held-aside problems reaches `teacher_target_accuracy`
-    (checked every `check_every` steps, at most `teacher_steps`), then cools its learning rate down for
-    `cooldown_steps`: a fixed step count stopped it on the edge of its learning transition, where another
-    machine's rounding moved it from 99.7% to 87% and everything downstream with it. 0 trains a fixed
-    `teacher_steps`."""
+    The teacher's schedule follows its greedy accuracy on held-aside problems (checked every `check_every`
+    steps): a constant rate until it reaches `cooldown_at_accuracy` (past its learning transition), a
+    cool-down over `cooldown_steps`, then a low rate until it reaches `teacher_target_accuracy`, at most
+    `teacher_steps` in all. A fixed step count stopped it on the edge of its transition, where another
+    machine's rounding moved it from 99.7% to 87% and everything downstream with it. A target of 0 trains
+    a fixed `teacher_steps` with a cosine schedule."""
 
     teacher_steps: int = 1200
     student_steps: int = 600
@@ -83,6 +84,7 @@ class PretrainConfig:
     learning_rate: float = 3e-3
     num_problems: int = 20000
     teacher_target_accuracy: float = 0.0
+    cooldown_at_accuracy: float = 0.75
     check_every: int = 100
     check_problems: int = 200
     cooldown_steps: int = 100
@@ -226,6 +228,7 @@ RULES: dict[type, dict[str, Rule]] = {
     LoraConfig: {"r": POSITIVE, "alpha": above(0), "dropout": between(0, 1, high_open=True)},
     PretrainConfig: {"teacher_steps": POSITIVE, "student_steps": POSITIVE, "batch_size": POSITIVE,
                      "learning_rate": above(0), "num_problems": POSITIVE, "teacher_target_accuracy": between(0, 1),
+                     "cooldown_at_accuracy": between(0, 1),
                      "check_every": POSITIVE, "check_problems": POSITIVE, "cooldown_steps": NON_NEGATIVE},
     TrainConfig: {"max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "learning_rate": above(0),
                   "warmup_ratio": between(0, 1), "save_steps": POSITIVE, "optimizer": one_of(*OPTIMIZERS)},

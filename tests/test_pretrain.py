@@ -23,30 +23,26 @@ def _model(world):
     return build_tiny_model(tokenizer, preset.model.tiny_student, max_positions=96, seed=0)
 
 
-def test_training_stops_a_cooldown_after_the_check_reaches_its_target(world):
+def test_the_schedule_cools_down_past_the_transition_and_stops_at_the_target(world):
     _, tokenizer, examples = world
-    scripted = iter([0.2, 0.5, 0.96, 0.99])  # checks at steps 4, 8, 12, then the final check
-    rates = []
-    model = _model(world)
-
-    def check(model):
-        rates.append(None)
-        return next(scripted)
-
-    history = train_from_scratch(model, tokenizer, examples, steps=100, batch_size=4, learning_rate=1e-3, seed=0,
-                                 description="t", check=check, target=0.95, check_every=4, cooldown_steps=6)
+    scripted = iter([0.2, 0.5, 0.8, 0.9, 0.96])
+    history = train_from_scratch(_model(world), tokenizer, examples, steps=100, batch_size=4, learning_rate=1e-3, seed=0,
+                                 description="t", check=lambda model: next(scripted), target=0.95, cooldown_at=0.75, check_every=4,
+                                 cooldown_steps=6)
     checks = [(entry["step"], entry["check_accuracy"]) for entry in history if "check_accuracy" in entry]
-    # target reached at step 12, then 6 cool-down steps, then one last check: 18 steps of 100 allowed
-    assert checks == [(4, 0.2), (8, 0.5), (12, 0.96), (18, 0.99)]
-    assert max(entry["step"] for entry in history) == 18
+    # 0.8 at step 12 starts the cool-down (no checks during it), 0.9 at its end (18) is short of the target,
+    # so training goes on at the low rate until the next check (22) reaches it: 22 of 100 steps allowed
+    assert checks == [(4, 0.2), (8, 0.5), (12, 0.8), (18, 0.9), (22, 0.96)]
+    assert max(entry["step"] for entry in history) == 22
 
 
 def test_without_reaching_the_target_it_cools_down_before_the_step_limit(world):
     _, tokenizer, examples = world
     history = train_from_scratch(_model(world), tokenizer, examples, steps=20, batch_size=4, learning_rate=1e-3, seed=0,
-                                 description="t", check=lambda model: 0.1, target=0.95, check_every=8, cooldown_steps=5)
+                                 description="t", check=lambda model: 0.1, target=0.95, cooldown_at=0.75, check_every=8,
+                                 cooldown_steps=5)
     checks = [entry["step"] for entry in history if "check_accuracy" in entry]
-    assert checks == [8, 15, 20]  # a check at 15 = 20 - 5 starts the cool-down, so the run ends at the limit
+    assert checks == [8, 15, 20]  # a check at 15 = 20 - 5 starts the cool-down, so it ends at the limit
     assert max(entry["step"] for entry in history) == 20
 
 

@@ -62,14 +62,18 @@ def student_examples(preset: Preset, exclude: set[str]) -> list[tuple[str, str]]
 
 def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps: int, batch_size: int,
                        learning_rate: float, seed: int, description: str, check: Callable | None = None,
-                       target: float = 0.0, check_every: int = 100, cooldown_steps: int = 100) -> list[dict]:
-    """Full-parameter training on prompt -> completion pairs (loss on the completion). Returns the loss log.
+                       target: float = 0.0, cooldown_at: float = 0.0, check_every: int = 100,
+                       cooldown_steps: int = 100) -> list[dict]:
+    """Full-parameter training on prompt -> completion pairs (loss on the completion). Returns the log.
 
-    Without `check`: `steps` steps, linear warmup then cosine decay to 10%. With `check(model) -> accuracy`:
-    warmup, then a constant rate until a check every `check_every` steps reaches `target` (or until only
-    `cooldown_steps` of `steps` are left), then a linear cool-down to 10% over `cooldown_steps` and a last
-    check. Stopping on what the model can do, not on a step count, is what makes the bootstrap reproduce
-    across machines whose rounding moves the step at which a small model "gets" a task.
+    Without `check`: `steps` steps, linear warmup then cosine decay to 10%. With `check(model) -> accuracy`,
+    the schedule follows what the model can do (warmup-stable-decay): a constant rate until a check (every
+    `check_every` steps) reaches `cooldown_at`, the model being past its learning transition; a linear
+    cool-down to 10% over `cooldown_steps`; then 10% until a check reaches `target`, at most `steps` in all
+    (the cool-down starts early enough to end by then). At the constant rate a tiny model plateaus below
+    its best (the offline teacher wobbles around 90%); the cool-down is what settles it. Stopping on
+    accuracy, not on a step count, is what makes the bootstrap reproduce across machines whose rounding
+    moves the step at which a small model "gets" a task.
     """
     encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": q}], c) for q, c in examples]
     generator = torch.Generator().manual_seed(seed)
@@ -85,6 +89,12 @@ def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps:
         if cooldown_from is None:
             return 1.0
         return max(0.1, 1.0 - 0.9 * (step - cooldown_from) / max(1, cooldown_steps))
+
+    def check_now(done: int) -> bool:
+        if cooldown_from is None:  # climbing: every check_every steps, and where the cool-down must start at the latest
+            return done % check_every == 0 or done == steps - cooldown_steps
+        cooled = cooldown_from + cooldown_steps
+        return done == cooled or (done > cooled and (done - cooled) % check_every == 0) or done == steps
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
@@ -105,19 +115,18 @@ def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps:
                 history.append({"step": done, "loss": loss.item(), "seconds": time.time() - started})
                 bar.update(task, description=f"{description} loss {loss.item():.3f}")
             bar.advance(task)
-            if check is None:
+            if check is None or not check_now(done):
                 continue
-            if cooldown_from is None and (done % check_every == 0 or done == steps - cooldown_steps):
-                accuracy = check(model)
-                model.train()
-                history.append({"step": done, "check_accuracy": accuracy, "seconds": time.time() - started})
-                bar.update(task, description=f"{description} check {accuracy:.1%}")
-                if accuracy >= target or done >= steps - cooldown_steps:
+            accuracy = check(model)
+            model.train()
+            history.append({"step": done, "check_accuracy": accuracy, "seconds": time.time() - started})
+            bar.update(task, description=f"{description} check {accuracy:.1%}")
+            say(f"{description}: step {done}, {accuracy:.1%} greedy on the check problems")  # a log, not only a bar
+            if cooldown_from is None:
+                if accuracy >= cooldown_at or done >= steps - cooldown_steps:
                     cooldown_from = done
-            if cooldown_from is not None and done >= cooldown_from + cooldown_steps:
+            elif accuracy >= target:
                 break
-    if check is not None:
-        history.append({"step": done, "check_accuracy": check(model), "seconds": time.time() - started})
     model.eval()
     return history
 
@@ -154,7 +163,7 @@ def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str]) ->
         started = time.time()
         history = train_from_scratch(model, tokenizer, examples, steps, pretrain.batch_size, pretrain.learning_rate,
                                      preset.seed, f"bootstrap {role}", check, pretrain.teacher_target_accuracy,
-                                     pretrain.check_every, pretrain.cooldown_steps)
+                                     pretrain.cooldown_at_accuracy, pretrain.check_every, pretrain.cooldown_steps)
         model.save_pretrained(models_dir / role)
         tokenizer.save_pretrained(models_dir / role)
         log[role] = {"parameters": model.num_parameters(), "loss": history, "seconds": time.time() - started,
