@@ -191,6 +191,8 @@ def benchmark_problems_file(out: Path, spec: str, preset: Preset) -> Path:
     """A benchmark's problems as a problems file in the run (a seeded sample of `eval.benchmark_problems`)."""
     name, where = parse_problem_source(spec)
     path = out / "data" / "benchmarks" / f"{name}.jsonl"
+    # a folder of its own fingerprint inside data/, so generate's claim on data/ counts it as another stage's
+    claim_stage(path.parent, "benchmarks", {}, settings_of(preset, "seed", "eval.benchmarks", "eval.benchmark_problems"))
     if not path.exists():
         rows = [{key: row[key] for key in PROBLEM_COLUMNS} for row in load_benchmark(name, where)]
         if 0 < preset.eval.benchmark_problems < len(rows):

@@ -77,6 +77,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_tak
         first.kill()  # SIGKILL: the lock file stays behind, naming a dead PID
         first.wait()
     assert read_json(out / LOCK)["pid"] == first.pid
+    (out / "notes.txt").unlink()  # files no fingerprint accounts for are refused (test_fingerprints.py); the lock is at issue here
     result = invoke("generate", "--teacher", "t", "--out", out, *OVERRIDES)
     assert result.exit_code == 0, result.output
     assert f"taking over the lock of PID {first.pid}" in result.output

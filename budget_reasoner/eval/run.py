@@ -21,13 +21,15 @@ from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, mark_c
                                 settings_of, shard_path, write_json, write_jsonl)
 from budget_reasoner.models import load_model, load_tokenizer
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import stage_model_paths, tokenizer_of
+from budget_reasoner.train.common import check_adapter, stage_model_paths, tokenizer_of
 from budget_reasoner.verify import ballot, check, equivalent, grade
 
 
 def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Hardware):
     """A model ready to generate: adapters merged into the base when it is not quantized (faster decoding)."""
     base, adapter = stage_model_paths(Path(model_or_stage))
+    if adapter is not None:
+        check_adapter(adapter)  # a damaged adapter is one line before the base loads
     model = load_model(base, preset, hardware)
     tokenizer = load_tokenizer(adapter if adapter is not None else base)
     if adapter is not None:

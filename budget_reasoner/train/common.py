@@ -200,6 +200,8 @@ def tokenizer_of(model_or_stage: str | Path):
     from budget_reasoner.models import load_tokenizer
 
     base, adapter = stage_model_paths(Path(model_or_stage))
+    if adapter is not None:
+        check_adapter(adapter)  # before anything loads (tokenizer_of runs first in every stage)
     try:
         return load_tokenizer(adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base)
     except (OSError, ValueError) as error:
@@ -265,10 +267,8 @@ def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
     stage_dir = Path(stage_dir)
     if (stage_dir / "stage.json").is_file():
         record = read_json(stage_dir / "stage.json")
-        check_adapter(stage_dir / record["adapter"])
         return resolve_recorded_base(record["base"], stage_dir), stage_dir / record["adapter"]
     if (stage_dir / "adapter_config.json").is_file():
-        check_adapter(stage_dir)
         return read_json(stage_dir / "adapter_config.json")["base_model_name_or_path"], stage_dir
     return str(stage_dir.resolve()) if stage_dir.exists() else str(stage_dir), None
 
@@ -278,6 +278,8 @@ def load_for_training(stage_or_model: str | Path, preset, hardware):
     from peft import PeftModel
 
     base, adapter = stage_model_paths(Path(stage_or_model))
+    if adapter is not None:
+        check_adapter(adapter)
     if hardware.backend == "unsloth":
         return load_with_unsloth(base, adapter, preset, hardware), base
     model = load_model(base, preset, hardware)
