@@ -92,7 +92,8 @@ def run_bootstrap(out: Path, preset: Preset) -> dict:
     _, held_out = write_problems(out / "data" / "problems", preset)
     started = time.time()
     log = bootstrap(preset, models_dir, {row["question"] for row in held_out})
-    summary = {role: {"parameters": info["parameters"], "seconds": info["seconds"], "loss": info["loss"]} for role, info in log.items()}
+    summary = {role: {key: info[key] for key in ("parameters", "seconds", "loss", "steps", "check_accuracy") if key in info}
+               for role, info in log.items()}
     summary["seconds"] = time.time() - started
     mark_complete(models_dir, summary)
     return summary
