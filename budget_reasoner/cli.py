@@ -70,8 +70,12 @@ def disk_is_full(error: Exception, out: Path | None) -> bool:
     return free is not None and free < LOW_SPACE
 
 
-def _preset(name: str, overrides: list[str] | None, options: dict | None = None):
-    """The preset with its --set overrides and a command's own options (dotted keys), all checked by config.py's rules."""
+def _preset(name: str, overrides: list[str] | None, options: dict | None = None, runs_models: bool = True):
+    """The preset with its --set overrides and a command's own options (dotted keys), all checked by config.py's rules.
+
+    For a command that runs models, the backend is settled here, before the command imports its stage module:
+    those import transformers, TRL and peft at their top, and Unsloth must come first (hardware.prepare_backend).
+    This module imports none of them at its own top for the same reason; imports stay inside the commands."""
     from budget_reasoner.config import load_preset, parse_overrides
 
     parsed = {**parse_overrides(overrides), **{key: value for key, value in (options or {}).items() if value is not None}}
@@ -80,7 +84,14 @@ def _preset(name: str, overrides: list[str] | None, options: dict | None = None)
         from budget_reasoner.memory import recommend_preset
 
         name, _ = recommend_preset(detect())
-    return load_preset(name, parsed)
+    preset = load_preset(name, parsed)
+    if runs_models:
+        from budget_reasoner.hardware import prepare_backend
+        from budget_reasoner.progress import quiet_libraries
+
+        prepare_backend(preset)
+        quiet_libraries()  # it imports transformers: after Unsloth
+    return preset
 
 
 def _report_to(value: str) -> str:
@@ -105,10 +116,11 @@ def quickstart(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
+    settings = _preset(preset, set_)  # first: it settles the backend before the stages are imported
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
-    results = run_quickstart(out, _preset(preset, set_), domain, _report_to(report_to), gpu_hour_price, overwrite)
+    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite)
     typer.echo(markdown(results))
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -121,9 +133,9 @@ def bootstrap_command(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Offline only: train the tiny teacher and student base from scratch (no hub needed)."""
+    settings = _preset(preset, set_)
     from budget_reasoner.recipe import claim_run_folder, run_bootstrap
 
-    settings = _preset(preset, set_)
     claim_run_folder(out, settings, "math")
     run_bootstrap(out, settings)
     typer.echo(f"models: {out / 'models'}")
@@ -145,11 +157,11 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Sample chains from a teacher, keep the ones the verifier accepts, and build the SFT set and preference pairs."""
+    settings = _preset(preset, set_)
     from budget_reasoner.generate import generate as run_generate
     from budget_reasoner.hardware import hardware_for
     from budget_reasoner.recipe import make_teacher
 
-    settings = _preset(preset, set_)
     settings.generate.seed_sets += seed_set or []
     settings.generate.decontaminate += decontaminate or []
     summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain, overwrite)
@@ -169,9 +181,10 @@ def sft_command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """(Q)LoRA supervised fine-tuning of the student on verified chains."""
+    settings = _preset(preset, set_)
     from budget_reasoner.train.sft import sft
 
-    record = sft(data, student, out, _preset(preset, set_), report_to=_report_to(report_to), overwrite=overwrite)
+    record = sft(data, student, out, settings, report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"sft adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
@@ -187,9 +200,10 @@ def dpo_command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """DPO on verified-vs-rejected chains, starting from and anchored to the SFT model."""
+    settings = _preset(preset, set_)
     from budget_reasoner.train.dpo import dpo
 
-    record = dpo(pairs, sft_stage, out, _preset(preset, set_), report_to=_report_to(report_to), overwrite=overwrite)
+    record = dpo(pairs, sft_stage, out, settings, report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"dpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
@@ -206,9 +220,9 @@ def distill_command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP + " (the cache in OUT/cache too)"),
 ):
     """Logit-level distillation: cache the teacher's top-k log-probs, then train the student with the KD loss."""
+    settings = _preset(preset, set_)
     from budget_reasoner.train.distill import cache_teacher_topk, distill
 
-    settings = _preset(preset, set_)
     cache_teacher_topk(teacher, data, out / "cache", settings, overwrite=overwrite)
     record = distill(out / "cache", student, out, settings, report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"distill adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
@@ -233,12 +247,12 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Held-out accuracy with test-time compute: greedy or budget-forced, pass@k, majority vote, best-of-N."""
+    settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
+                                      "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
     from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
     from budget_reasoner.eval.run import evaluate
     from budget_reasoner.io import write_jsonl
 
-    settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
-                                      "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
     if benchmark:
         rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
         domain = "choice" if benchmark == "choice" else "math"
@@ -294,7 +308,7 @@ def vram(
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
     from budget_reasoner.memory import TRAINING_STAGES, estimate_stage, longest_sequence, read_model_shape, teacher_cache_batch
 
-    settings = _preset(preset, set_)
+    settings = _preset(preset, set_, runs_models=False)
     model, estimate = estimate_stage(settings, stage, model)
     shape = read_model_shape(model)
     batch = teacher_cache_batch(settings) if stage == "cache" else getattr(settings, stage).batch_size
@@ -321,13 +335,11 @@ def presets_list():
 @friendly_errors
 def presets_show(name: str = typer.Argument(..., help="Preset name or .yaml file.")):
     """Print a preset with every default filled in."""
-    typer.echo(yaml.safe_dump(_preset(name, None).to_dict(), sort_keys=False))
+    typer.echo(yaml.safe_dump(_preset(name, None, runs_models=False).to_dict(), sort_keys=False))
 
 
 def main():
-    from budget_reasoner.progress import quiet_libraries
-
-    quiet_libraries()
+    # transformers' chatter is quieted in _preset, once Unsloth (when it is the backend) has been imported first
     app()
 
 

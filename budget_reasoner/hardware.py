@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -115,14 +116,34 @@ def card(name: str) -> Card:
                               f"or pass --vram-gib with what torch.cuda.get_device_properties(0).total_memory / 2**30 says")
 
 
-def import_unsloth():
-    """Import Unsloth now, before any trainer is built: it patches transformers and TRL (its fast
-    kernels on CUDA; its CPU fallback's trainer defaults on a CPU) for the rest of the process."""
-    import warnings
+# Unsloth patches transformers, TRL and peft as it is imported (its kernels on CUDA; on the CPU its fallback's
+# SFTTrainer), and its docs ask for `import unsloth` before any of them: a class bound earlier (`from trl import
+# SFTTrainer` at a module's top, a Trainer subclass defined at import time) keeps the unpatched version.
+PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "import unsloth before transformers": this module already has
-        importlib.import_module("unsloth")
+
+def prepare_backend(preset) -> str:
+    """Decide a preset's backend before any model code is imported, and import Unsloth now when it is the one.
+
+    Call it first: the CLI does, before it imports a stage module (they import transformers, TRL and peft at
+    their top), and a script using the API should too (or `import unsloth` itself, first). Returns the backend."""
+    return detect(preset.device, preset.model.backend).backend
+
+
+def import_unsloth():
+    """Import Unsloth (once; later calls are free). Imported after transformers, TRL or peft, it still loads, but
+    whatever was bound before it is unpatched: Unsloth's own warning then shows, not silenced, with ours naming
+    the fix in this project."""
+    if "unsloth" in sys.modules:
+        return
+    late = [name for name in PATCHED_BY_UNSLOTH if name in sys.modules]
+    if late:
+        import warnings
+
+        warnings.warn(f"unsloth is imported after {', '.join(late)}: call budget_reasoner.hardware.prepare_backend(preset) "
+                      f"(or `import unsloth`) before importing budget_reasoner's stage modules; the CLI does this itself",
+                      stacklevel=3)
+    importlib.import_module("unsloth")
 
 
 class PeakMemory:

@@ -24,17 +24,21 @@ if importlib.util.find_spec("unsloth") is None:
         raise RuntimeError("BUDGET_REASONER_REQUIRE_UNSLOTH is set but unsloth is not installed")
     pytest.skip("unsloth is not installed (pip install --no-deps unsloth unsloth_zoo)", allow_module_level=True)
 
+# As a script using the API should: settle the backend (importing Unsloth) before importing a stage module.
 CHILD = """
 import json, sys
 from budget_reasoner.config import load_preset
-from budget_reasoner.train.dpo import dpo
-from budget_reasoner.train.sft import sft
+from budget_reasoner.hardware import prepare_backend
 
 run, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 preset = load_preset("cpu-tiny", {**overrides, "model.backend": "unsloth"})
+prepare_backend(preset)
+from budget_reasoner.train.dpo import dpo
+from budget_reasoner.train.sft import sft
+
 sft(f"{run}/data/sft/train.jsonl", f"{run}/models/student-base", f"{out}/sft", preset)
 dpo(f"{run}/data/pairs/train.jsonl", f"{out}/sft", f"{out}/dpo", preset)
-import unsloth  # already imported by the stages (hardware.import_unsloth); report what ran
+import unsloth  # already imported by prepare_backend; report what ran
 print("UNSLOTH_VERSION", unsloth.__version__)
 """
 
@@ -57,6 +61,7 @@ def _losses(stage_dir):
 def test_stages_load_and_train_through_unsloth(unsloth_run):
     _, out, _, log = unsloth_run
     assert "UNSLOTH_VERSION" in log
+    assert "Unsloth should be imported before" not in log  # prepare_backend ran before transformers was imported
     assert "Unsloth (CPU): Qwen2ForCausalLM" in log  # Unsloth's own loader built the model, not ours
     for stage in ("sft", "dpo"):
         record = read_json(out / stage / "stage.json")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
@@ -138,22 +137,30 @@ def collate_kd(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
-class KDTrainer(Trainer):
-    """A transformers Trainer whose loss is the chunked KD loss on the final hidden states."""
+def kd_trainer_class():
+    """A transformers Trainer whose loss is the chunked KD loss on the final hidden states.
 
-    def __init__(self, *args, kd_alpha: float, kd_temperature: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
-        self.loss_is_scaled_for_ga = True  # compute_loss already divides by the accumulated batch's token count
+    Built when called, from the `transformers.Trainer` bound then, not when this module is imported: on the
+    Unsloth backend the class must come after `import unsloth` (hardware.prepare_backend), like TRL's
+    trainers, which `train/sft.py` and `train/dpo.py` also look up only when they build one."""
+    from transformers import Trainer
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # through model(...), so the loss runs inside the autocast accelerate wraps around the forward;
-        # normalized by the label tokens of the whole accumulated batch, not this micro-batch
-        loss = fused_kd_loss(model, inputs, inputs["kd_labels"], self.kd_alpha, self.kd_temperature, num_items_in_batch)
-        return (loss, None) if return_outputs else loss
+    class KDTrainer(Trainer):
+        def __init__(self, *args, kd_alpha: float, kd_temperature: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
+            self.loss_is_scaled_for_ga = True  # compute_loss already divides by the accumulated batch's token count
 
-    def _get_num_items_in_batch(self, batch_samples, device):
-        return sum(int((batch["kd_labels"] != -100).sum()) for batch in batch_samples)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # through model(...), so the loss runs inside the autocast accelerate wraps around the forward;
+            # normalized by the label tokens of the whole accumulated batch, not this micro-batch
+            loss = fused_kd_loss(model, inputs, inputs["kd_labels"], self.kd_alpha, self.kd_temperature, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            return sum(int((batch["kd_labels"] != -100).sum()) for batch in batch_samples)
+
+    return KDTrainer
 
 
 @writes_folder("out")
@@ -164,6 +171,7 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
     The cache is verified first (every shard its manifest lists present and whole): a missing shard is an error,
     never a smaller dataset. `out` resumes only what the same cache, student and settings started."""
     from datasets import Dataset
+    from transformers import TrainingArguments
 
     out = Path(out)
     if not (Path(cache_dir) / "COMPLETE.json").is_file():
@@ -188,9 +196,9 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
     model = with_lora(model, preset, preset.distill.gradient_checkpointing, hardware)
     settings = preset.distill
     args = training_arguments(TrainingArguments, settings, preset, hardware, out, report_to, remove_unused_columns=False)
-    trainer = KDTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                        data_collator=lambda examples: collate_kd(examples, tokenizer.pad_token_id),
-                        kd_alpha=settings.alpha, kd_temperature=settings.temperature)
+    trainer = kd_trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                 data_collator=lambda examples: collate_kd(examples, tokenizer.pad_token_id),
+                                 kd_alpha=settings.alpha, kd_temperature=settings.temperature)
     say(f"distill: {len(rows)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
         f"{describe_precision(preset, hardware)}")
     return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
