@@ -88,10 +88,11 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def torch_dtype(preset: Preset, hardware: Hardware) -> torch.dtype:
-    name = preset.quantization.compute_dtype
-    if hardware.device == "cpu":
-        return torch.float32  # bf16 matmuls are ~13x slower on this class of CPU
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    """The dtype a base model loads in: the precision plan's compute dtype (fp32 on the CPU; plan.py says why), so
+    the loader, the Trainer's autocast flags and the estimator read one rule."""
+    from budget_reasoner.plan import training_plan
+
+    return getattr(torch, training_plan(preset, hardware).compute_dtype)
 
 
 def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, quantize: bool | None = None):
