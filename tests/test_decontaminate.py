@@ -59,7 +59,7 @@ def test_generate_draws_seed_problems_without_the_eval_sets(tmp_path):
     dropped = record["contaminated_dropped"][f"gsm8k={GSM8K_TEST}"]
     assert dropped >= 1 and len(train) == 50 + 7473 - dropped - record["duplicates_dropped"]
     preset.generate.seed_sets = []
-    with pytest.raises(BudgetReasonerError, match="holds problems drawn with other settings"):
+    with pytest.raises(BudgetReasonerError, match="made from other inputs or settings .differs: settings.problems.seed_sets"):
         write_problems(tmp_path / "problems", preset)
     preset.generate.seed_sets, preset.generate.num_seed_problems = [f"gsm8k={GSM8K_TRAIN}"], 100
     train, _ = write_problems(tmp_path / "sampled", preset)

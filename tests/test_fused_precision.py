@@ -68,6 +68,7 @@ def bf16_accelerator():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer built by an earlier test left its own state
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     try:
         assert accelerator.native_amp  # bf16 autocast is real on the CPU: the test uses accelerate's own wrapper
