@@ -3,6 +3,7 @@
     python benchmarks/reproduce.py --seeds 0 1 2 --threads 2                # whole quickstart per seed
     python benchmarks/reproduce.py --seeds 0 1 2 --threads 1 --teacher-only # bootstrap + teacher eval only
     python benchmarks/reproduce.py --aggregate                              # -> benchmarks/results/<machine>/reproduce.json
+    python benchmarks/reproduce.py --markdown benchmarks/results/cpu-2core/reproduce.json   # the README's tables
 
 Each run goes into a fresh folder under --out and leaves `reproduce.json` there (so runs can go in separate
 processes, one per core); --aggregate collects them: per stage the mean and spread over seeds, and exact
@@ -102,6 +103,24 @@ def aggregate(out: Path) -> dict:
                               "seconds": r["wall_seconds"]} for r in runs]}
 
 
+def markdown(record: dict) -> str:
+    """The README's tables, from one recorded aggregate."""
+    lines = [f"`{record['command']}` at {record['commit']} ({record['machine']['cpu']}, {record['machine']['cores']} cores):", "",
+             "| model | mean | spread (sd) | per seed |", "|---|---|---|---|"]
+    for name, stage in record["stages"].items():
+        lines.append(f"| {name} | {stage['mean']:.1%} | {stage['stdev']:.1%} | "
+                     + ", ".join(f"{value:.1%}" for value in stage["per_seed"]) + " |")
+    lines += ["", "| change | per seed: gained / lost (McNemar p) | pooled: gained / lost (p) |", "|---|---|---|"]
+    for name, test in record["comparisons"].items():
+        per_seed = "; ".join(f"{t['gained']} / {t['lost']} ({t['p_value']:.2g})" for t in test["per_seed"])
+        pooled = test["pooled"]
+        lines.append(f"| {name} | {per_seed} | {pooled['gained']} / {pooled['lost']} ({pooled['p_value']:.2g}) |")
+    lines += ["", "| teacher run | seed | threads | steps | check accuracy | held-out accuracy |", "|---|---|---|---|---|---|"]
+    for run in sorted(record["teacher"], key=lambda r: (r["threads"], r["seed"])):
+        lines.append(f"| | {run['seed']} | {run['threads']} | {run['steps']} | {run['check_accuracy']:.1%} | {run['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/reproduce")
@@ -110,8 +129,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--teacher-only", action="store_true")
     parser.add_argument("--aggregate", action="store_true")
+    parser.add_argument("--markdown", metavar="RESULT_JSON")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     if args.aggregate:
         path = write_result("reproduce", aggregate(out))
         print(json.dumps(json.loads(path.read_text()), indent=1)[:4000])

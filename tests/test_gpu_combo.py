@@ -38,10 +38,9 @@ OVERRIDES = {
 }
 
 
-# What the LoRA weights train in. plan.py says fp32 for every stage, and with_lora makes them fp32; but TRL 1.16's
-# SFTTrainer and DPOTrainer cast the trainable weights of any quantized model to bf16 (their QLoRA recipe), while
-# distill's plain Trainer keeps fp32. Recorded as found; the plan (and the estimator) do not say so yet.
-LORA_DTYPE = {"sft": torch.bfloat16, "dpo": torch.bfloat16, "distill": torch.float32}
+# What the LoRA weights train in: fp32, as plan.py says, in every stage. TRL 1.16's SFTTrainer and DPOTrainer cast
+# a quantized model's trainable weights to bf16 (their QLoRA recipe); train_with_resume casts them back.
+LORA_DTYPE = {"sft": torch.float32, "dpo": torch.float32, "distill": torch.float32}
 
 
 def qwen_cut_to_two_layers(folder, tokenizer):

@@ -121,6 +121,7 @@ def train_with_resume(trainer, output_dir: Path) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
     trainer.add_callback(RichProgressCallback())
+    adapters_in_fp32(trainer.model)  # before train() builds the optimizer over them
     started, peak = time.time(), PeakMemory(trainer.args.device.type)
     try:
         with peak:
@@ -129,6 +130,24 @@ def train_with_resume(trainer, output_dir: Path) -> dict:
         compute = add_session(output_dir, time.time() - started, peak.bytes, resumed_from_step=_step_of(last),
                               reached_step=int(trainer.state.global_step))
     return {"history": trainer.state.log_history, "tokens": int(trainer.state.num_input_tokens_seen), **compute}
+
+
+def adapters_in_fp32(model) -> int:
+    """Trainable weights back to fp32, as plan.py says LoRA trains (peft's and Unsloth's default too).
+
+    TRL 1.16's SFTTrainer and DPOTrainer cast every trainable weight of a quantized model to bf16 in their
+    __init__ (sft_trainer.py, dpo_trainer.py: "to follow the QLoRA paper"). In bf16 storage AdamW updates
+    smaller than bf16's resolution are lost, and the T4 preset (fp16, no bf16 on sm_75) would hold bf16
+    weights beside fp16 compute. Autocast still runs the adapter matmuls in the compute dtype; the cost is
+    4 bytes instead of 2 per adapter weight, which the estimator counts. Returns how many were cast back."""
+    import torch
+
+    cast = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+            cast += 1
+    return cast
 
 
 def _step_of(checkpoint: str | None) -> int:
