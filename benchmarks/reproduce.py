@@ -36,17 +36,18 @@ def run_one(out: Path, preset_name: str, seed: int, threads: int, teacher_only: 
     from budget_reasoner.generate.pipeline import write_problems
     from budget_reasoner.hardware import hardware_for
     from budget_reasoner.progress import quiet_libraries
-    from budget_reasoner.recipe import claim_run_folder, quickstart, run_bootstrap
+    from budget_reasoner.recipe import claim_run_folder, quickstart
+    from budget_reasoner.train.pretrain import bootstrap as bootstrap_models
 
     shutil.rmtree(out, ignore_errors=True)
     quiet_libraries()
     preset = load_preset(preset_name, {"seed": seed, "threads": threads})
     started = time.time()
-    if teacher_only:
+    if teacher_only:  # the teacher's bootstrap alone, and its greedy accuracy on the held-out split
         claim_run_folder(out, preset, "math")
         torch.set_num_threads(threads)
-        bootstrap = run_bootstrap(out, preset)
-        write_problems(out / "data" / "problems", preset)
+        _, held_out = write_problems(out / "data" / "problems", preset)
+        bootstrap = bootstrap_models(preset, out / "models", {row["question"] for row in held_out}, roles=("teacher",))
         teacher = evaluate(out / "models" / "teacher", out / "data" / "problems" / "held_out.jsonl", out / "eval" / "teacher",
                            preset, "math", hardware_for(preset), name="teacher")
         results = {"teacher": teacher, "bootstrap": bootstrap, "stages": {}}

@@ -145,8 +145,10 @@ def greedy_accuracy(tokenizer, problems: list) -> Callable:
     return check
 
 
-def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str]) -> dict:
-    """Build the shared tokenizer and train the teacher and student base; save both under `models_dir`."""
+def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str],
+              roles: tuple[str, ...] = ("teacher", "student-base")) -> dict:
+    """Build the shared tokenizer and train the teacher and student base (or only the `roles` named); save them
+    under `models_dir`."""
     tokenizer = build_offline_tokenizer(preset)
     pretrain, gen = preset.pretrain, preset.generate
     teacher_data = teacher_examples(preset, held_out_questions)
@@ -159,6 +161,8 @@ def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str]) ->
          greedy_accuracy(tokenizer, check_problems) if pretrain.teacher_target_accuracy > 0 else None),
         ("student-base", student_examples(preset, held_out_questions), pretrain.student_steps, preset.model.tiny_student, None),
     ):
+        if role not in roles:
+            continue
         model = build_tiny_model(tokenizer, shape, max_positions=preset.model.max_length + gen.max_new_tokens, seed=preset.seed)
         started = time.time()
         history = train_from_scratch(model, tokenizer, examples, steps, pretrain.batch_size, pretrain.learning_rate,
