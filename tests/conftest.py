@@ -28,6 +28,28 @@ TINY = {
 }
 
 
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]  # TINY as CLI options
+
+
+def invoke(*args):
+    """The CLI, in-process (typer's runner), with every argument as a string."""
+    from typer.testing import CliRunner
+
+    from budget_reasoner.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def one_error_line(result) -> str:
+    """The one `error:` line a failed command ends with (after any progress lines), with exit code 2."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[-1]
+
+
 @pytest.fixture
 def tiny_preset():
     from budget_reasoner.config import load_preset

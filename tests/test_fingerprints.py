@@ -9,27 +9,14 @@ import os
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
-from budget_reasoner.cli import app
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import FINGERPRINT, claim_stage, mark_complete, read_json, verify_complete, write_jsonl
-from tests.conftest import TINY, ScriptedTeacher
+from tests.conftest import TINY_ARGS, ScriptedTeacher, invoke, one_error_line
 
-OVERRIDES = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
+OVERRIDES = TINY_ARGS
 
 
-def one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.output
-    assert "Traceback" not in result.output
-    return lines[-1]
 
 
 def snapshot(folder):

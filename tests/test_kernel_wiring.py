@@ -30,7 +30,11 @@ def batch():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_loss_equals_the_models_own_loss_and_gradients(backend):
-    model, inputs = tiny_model(), batch()
+    assert_fused_equals_the_models_own_loss(tiny_model(), batch(), backend)
+
+
+def assert_fused_equals_the_models_own_loss(model, inputs, backend):
+    """The fused loss through a copy of `model` against the model's own loss, and every parameter's gradient."""
     twin = copy.deepcopy(model)
     expected = model(**inputs).loss
     expected.backward()
@@ -39,6 +43,7 @@ def test_fused_loss_equals_the_models_own_loss_and_gradients(backend):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    return expected
 
 
 def test_lora_on_the_lm_head_is_refused():

@@ -12,29 +12,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from budget_reasoner.cli import app
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import LOCK, is_complete, read_json, read_shards, run_lock, write_jsonl
-from tests.conftest import TINY, ScriptedTeacher
+from tests.conftest import TINY, TINY_ARGS, ScriptedTeacher, invoke, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
-runner = CliRunner()
+OVERRIDES = TINY_ARGS
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def one_error_line(result) -> str:
-    """The one `error:` line a failed command ends with (after any progress lines), with exit code 2."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[-1]
 
 
 def snapshot(folder: Path) -> dict:
