@@ -14,8 +14,11 @@ The parts, per stage (sft, dpo, distill), in bytes:
   values (the norms' inputs, q/k/v/output for attention, gate/up/act for the MLP), the hidden-sized ones
   at the residual stream's dtype; with gradient checkpointing one hidden vector per layer (in host RAM
   when the plan offloads them) plus one layer's worth recomputed; eager attention adds the heads x T x T scores;
-- logits: full, tokens x vocab x (logits + their fp32 copy, fp32 log-softmax and gradient); or, chunked, one
-  chunk of fp32 logits (DPO in TRL always uses its chunked LM head);
+- logits: full, tokens x vocab x (logits + their fp32 copy, fp32 log-softmax and gradient); or, chunked (our
+  fused losses: sft with `fused_loss`, distill), one chunk of fp32 logits plus, under 16-bit compute, the chunk in
+  that dtype beside it; DPO goes through TRL 1.16's own fused LM head, whose tile (4,096 tokens x 32,768 vocabulary
+  entries in the compute dtype) this counts instead, with the fp32 copies its torch fallback makes off CUDA, and
+  the frozen "ref" copy of the adapter TRL adds for the reference log-probs;
 - on CUDA, 5% for the caching allocator's fragmentation and a fixed allowance for the CUDA context and
   cuBLAS workspaces (on the CPU, measured with steady malloc settings, neither is needed).
 DPO runs chosen and rejected together (twice the sequences). The teacher's work is estimated too: sampling
@@ -159,12 +162,38 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     if preset.model.attention == "eager":
         parts["attention scores (eager)"] = (settings.batch_size * (2 if stage == "dpo" else 1) * shape.heads
                                              * preset.model.max_length**2 * (compute + 4) * (1 if settings.gradient_checkpointing else shape.layers))
-    if plan.logits == "chunked":
-        parts["logits (fused, one chunk)"] = min(tokens, chunk_tokens_for(shape.vocab)) * shape.vocab * 4
+    if stage == "dpo":  # TRL's fused LM head, for the policy and (no grad) the reference log-probs alike
+        parts.update(_trl_fused_lm_head(shape, tokens, DTYPE_BYTES[plan.logits_dtype], device))
+        parts["reference adapter (TRL's frozen copy)"] = lora * DTYPE_BYTES[plan.lora_dtype]
+    elif plan.logits == "chunked":
+        # our chunked loss: a chunk's fp32 logits (the gradient overwrites them), and beside them the chunk in the
+        # compute dtype when that is 16-bit (the matmul's output before the upcast, the gradient's cast for its matmul)
+        logits = DTYPE_BYTES[plan.logits_dtype]
+        parts["logits (fused, one chunk)"] = (min(tokens, chunk_tokens_for(shape.vocab, device)) * shape.vocab
+                                              * (4 + (logits if logits < 4 else 0)))
     else:
         logits = DTYPE_BYTES[plan.logits_dtype]
         parts["logits + loss"] = tokens * shape.vocab * (logits + 4 + 4 + (4 if logits == 2 else 0))
     return _with_cuda_overheads(estimate, device)
+
+
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py (TOKEN_CHUNK_SIZE; the trainer's chunk_size)
+TRL_CPU_TILE_COPIES = 8  # fp32 tile-sized temporaries of its torch fallback's backward (measured: 7.8; forward 3.9)
+
+
+def _trl_fused_lm_head(shape: ModelShape, tokens: int, logits_bytes: int, device: str) -> dict[str, float]:
+    """What TRL 1.16's fused LM head (`add_fused_lm_head` -> `ChunkedLogProbFunction`, the DPO trainer's log-probs)
+    holds: one tokens x vocab tile in the compute dtype, recomputed in the backward, which accumulates the hidden
+    states' gradient in fp32. On CUDA a Triton kernel folds the tile in place; elsewhere (the CPU) its torch fallback
+    materializes fp32 copies of the tile: ~4 in the forward, ~8 in the backward."""
+    tile = min(tokens, TRL_TOKEN_TILE) * min(shape.vocab, TRL_VOCAB_TILE)
+    parts = {"logits (TRL fused LM head, one tile)": tile * logits_bytes,
+             # the final hidden states it saves (a copy: the label positions, or the shifted view made contiguous),
+             # and the fp32 gradient its backward accumulates for them
+             "TRL head: saved hidden states + fp32 gradient": tokens * shape.hidden * (logits_bytes + 4)}
+    if device != "cuda":
+        parts["TRL torch-fallback tile copies (fp32)"] = tile * 4 * TRL_CPU_TILE_COPIES
+    return parts
 
 
 def teacher_cache_batch(preset: Preset) -> int:
@@ -196,7 +225,7 @@ def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "ge
         tokens = teacher_cache_batch(preset) * preset.model.max_length
         parts["forward (one layer, no grad)"] = tokens * layer_transient * compute
         parts["final hidden states"] = tokens * shape.hidden * compute
-        parts["top-k logits (one chunk)"] = chunk_tokens_for(shape.vocab) * shape.vocab * 4 * 2
+        parts["top-k logits (one chunk)"] = chunk_tokens_for(shape.vocab, device) * shape.vocab * 4 * 2
     return _with_cuda_overheads(estimate, device)
 
 

@@ -137,3 +137,52 @@ def test_chunked_topk_logprobs_match_the_full_log_softmax(tokens, chunk_tokens, 
     assert values.shape == (tokens, 6) and values.dtype == torch.float32
     assert torch.equal(ids, expected.indices)
     torch.testing.assert_close(values, expected.values, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_chunks_are_larger_than_gpu_chunks_and_bounded():
+    from budget_reasoner.kernels.fused_loss import chunk_tokens_for
+
+    assert chunk_tokens_for(151_936) == 128 and chunk_tokens_for(151_936, "cpu") == 256
+    assert chunk_tokens_for(400, "cpu") == 4096 and chunk_tokens_for(10**7, "cpu") == 16
+
+
+@pytest.mark.parametrize("kind", ["ce", "kd"])
+def test_compiled_softmax_gradient_matches_reference(monkeypatch, kind):
+    """The torch.compile'd per-chunk softmax-gradient (forced here on a small chunk) computes what the eager one does."""
+    import budget_reasoner.kernels.fused_loss as fl
+
+    pytest.importorskip("torch._inductor")
+    monkeypatch.setattr(fl, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setitem(fl._compiled, "failed", False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, w, labels, ids, lps = make_inputs(50, 16, 300, k=5, dtype=torch.float32)
+    if kind == "ce":
+        loss_fn = lambda h, w, **kw: fused_linear_cross_entropy(h, w, labels, chunk_tokens=16, **kw)  # uneven last chunk
+    else:
+        loss_fn = lambda h, w, **kw: fused_linear_kd_loss(h, w, ids, lps, labels, temperature=2.0, alpha=0.7, chunk_tokens=16, **kw)
+    compiled = run(loss_fn, h, w, "mean", "torch")
+    if fl._compiled["failed"]:
+        pytest.skip("torch.compile is unavailable here (the eager fallback ran)")
+    assert fl._compiled["fn"] is not None
+    reference = run(loss_fn, h, w, "mean", "reference")
+    for got, want in zip(compiled, reference):
+        assert max_rel_error(got, want) < 1e-5
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch):
+    import budget_reasoner.kernels.fused_loss as fl
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fl, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fl, "_compiled", {"fn": None, "failed": False})
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, w, labels, _, _ = make_inputs(20, 8, 50, k=5, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="torch.compile unavailable"):
+        got = run(lambda h, w, **kw: fused_linear_cross_entropy(h, w, labels, **kw), h, w, "mean", "torch")
+    assert fl._compiled["failed"]
+    want = run(lambda h, w, **kw: fused_linear_cross_entropy(h, w, labels, **kw), h, w, "mean", "reference")
+    for a, b in zip(got, want):
+        assert max_rel_error(a, b) < 1e-5

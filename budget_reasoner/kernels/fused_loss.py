@@ -40,12 +40,59 @@ from budget_reasoner.errors import BudgetReasonerError
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is 128 tokens at V=151,936 (rounded down), 2,048 at V=16k
+# On the CPU a 128-token chunk starves the matmuls (K=128 in the weight-gradient GEMM, and each chunk reads and writes
+# the whole V x H weight gradient): 256 tokens at V=151,936 ran the three GEMMs ~25% faster, 512 no faster again.
+CPU_CHUNK_LOGITS_BYTES = 2**28
+# The softmax-gradient of a chunk is compiled (torch.compile, one fused pass instead of five) on the CPU for chunks at
+# least this large: an LM head's, where compiling once (~20-60 s) is repaid; never for test-sized ones.
+COMPILE_MIN_ELEMENTS = 2**24
 
 
-def chunk_tokens_for(vocab: int) -> int:
-    """Tokens per chunk so that a chunk's logits stay near CHUNK_LOGITS_BYTES (a power of two, 16 to 4,096)."""
-    tokens = max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
+def chunk_tokens_for(vocab: int, device: str = "cuda") -> int:
+    """Tokens per chunk so that a chunk's logits stay near CHUNK_LOGITS_BYTES (CPU_CHUNK_LOGITS_BYTES on the CPU),
+    a power of two, 16 to 4,096."""
+    budget = CPU_CHUNK_LOGITS_BYTES if device == "cpu" else CHUNK_LOGITS_BYTES
+    tokens = max(1, budget // (4 * vocab))
     return max(16, min(4096, 1 << (tokens.bit_length() - 1)))
+
+
+def _softmax_scaled_(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """logits <- softmax(logits) * coef in place (fp32); returns the rows' log-sum-exp."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    sum_exp = (logits - row_max).exp().sum(dim=-1, keepdim=True)
+    logits.copy_((logits - row_max).exp() * (coef / sum_exp))
+    return (row_max + sum_exp.log()).squeeze(1)
+
+
+def _softmax_scaled_eager_(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The same in eager PyTorch without a second vocab-sized buffer: five passes over the chunk."""
+    row_max = logits.max(dim=-1, keepdim=True).values
+    probs = logits.sub_(row_max).exp_()
+    sum_exp = probs.sum(dim=-1, keepdim=True)
+    probs.mul_(coef / sum_exp)
+    return (row_max + sum_exp.log()).squeeze(1)
+
+
+_compiled = {"fn": None, "failed": os.environ.get("BUDGET_REASONER_COMPILE", "1") == "0"}
+
+
+def _softmax_scaled(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The compiled softmax-gradient for a large CPU chunk, else (and if compiling fails: once, with a warning) eager.
+    BUDGET_REASONER_COMPILE=0 turns compiling off; so does TRITON_INTERPRET=1 (the interpreter's tests)."""
+    if (_compiled["failed"] or logits.device.type != "cpu" or logits.numel() < COMPILE_MIN_ELEMENTS
+            or os.environ.get("TRITON_INTERPRET") == "1"):
+        return _softmax_scaled_eager_(logits, coef)
+    try:
+        if _compiled["fn"] is None:
+            # dynamic: one compiled kernel serves every chunk height (the last chunk of each batch differs)
+            _compiled["fn"] = torch.compile(_softmax_scaled_, dynamic=True, fullgraph=True)
+        return _compiled["fn"](logits, coef)
+    except Exception as error:  # no C++ compiler, an unsupported torch build: the eager passes compute the same
+        import warnings
+
+        _compiled["failed"] = True
+        warnings.warn(f"fused loss: torch.compile unavailable ({type(error).__name__}); using eager chunks", stacklevel=2)
+        return _softmax_scaled_eager_(logits, coef)
 
 
 def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
@@ -83,11 +130,9 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_log
     student_topk = logits.gather(1, topk_ids) if alpha > 0.0 else None  # read before the buffer is overwritten
     grad = None
     if need_grad:  # softmax computed in place: the chunk's logits buffer is the only vocab-sized one
-        row_max = logits.max(dim=-1, keepdim=True).values
-        probs = logits.sub_(row_max).exp_()
-        sum_exp = probs.sum(dim=-1, keepdim=True)
-        log_z = (row_max + sum_exp.log()).squeeze(1)
-        grad = probs.mul_((1.0 - alpha) * grad_scale / sum_exp)  # (1 - alpha) * softmax, scaled: one pass
+        coef = torch.tensor((1.0 - alpha) * grad_scale, dtype=torch.float32, device=logits.device)
+        log_z = _softmax_scaled(logits, coef)  # logits <- (1 - alpha) * softmax, scaled
+        grad = logits
         grad.scatter_add_(1, safe_labels[:, None], torch.full_like(log_z[:, None], -(1.0 - alpha) * grad_scale))
     else:
         log_z = torch.logsumexp(logits, dim=-1)
@@ -154,6 +199,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 if grad_weight is not None:
                     # fp32: this sum runs over a whole chunk of tokens, which fp16 could overflow unnormalized
                     grad_weight.addmm_(grad_logits.t(), hidden_chunk.float(), alpha=1.0 / normalizer)
+                del logits, grad_logits  # before the next chunk's matmul: one chunk's buffer at a time, not two
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(_grad_dtype(weight.dtype)))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / normalizer
@@ -222,7 +268,7 @@ def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, tempera
     backend = _resolve_backend(backend, hidden)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if normalizer is None:
@@ -281,7 +327,7 @@ def linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, chu
     """The k largest log-probs of softmax(hidden @ weight.T) per row (tokens x k, fp32) and their token ids,
     a chunk of rows at a time: what the distillation cache keeps, without the tokens x vocab logits.
     `softcap`: the teacher's `final_logit_softcapping`, which its own forward would apply."""
-    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type)
     values, indices = [], []
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = (hidden[start : start + chunk_tokens] @ weight.t()).float()
