@@ -23,7 +23,7 @@ from math import comb
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import write_result  # noqa: E402
+from record import commit, write_result  # noqa: E402
 
 STAGES = ("base", "sft", "dpo", "distill")
 
@@ -53,7 +53,8 @@ def run_one(out: Path, preset_name: str, seed: int, threads: int, teacher_only: 
         results = {"teacher": teacher, "bootstrap": bootstrap, "stages": {}}
     else:
         results = quickstart(out, preset)
-    record = {"seed": seed, "threads": threads, "teacher_only": teacher_only, "wall_seconds": time.time() - started,
+    record = {"seed": seed, "threads": threads, "teacher_only": teacher_only, "commit": commit(),
+              "wall_seconds": time.time() - started,
               "teacher_accuracy": results["teacher"]["accuracy"],
               "teacher_steps": results["bootstrap"]["teacher"].get("steps"),
               "teacher_check_accuracy": results["bootstrap"]["teacher"].get("check_accuracy"),
@@ -101,12 +102,14 @@ def aggregate(out: Path) -> dict:
             }
     return {"runs": len(runs), "teacher": teacher, "stages": stages, "comparisons": comparisons,
             "wall_seconds": [{"seed": r["seed"], "threads": r["threads"], "teacher_only": r["teacher_only"],
-                              "seconds": r["wall_seconds"]} for r in runs]}
+                              "seconds": r["wall_seconds"]} for r in runs],
+            "run_commits": sorted({r.get("commit", "unknown") for r in runs})}
 
 
 def markdown(record: dict) -> str:
     """The README's tables, from one recorded aggregate."""
-    lines = [f"`{record['command']}` at {record['commit']} ({record['machine']['cpu']}, {record['machine']['cores']} cores):", "",
+    lines = [f"`{record['command']}` over runs at {', '.join(record['run_commits'])} ({record['machine']['cpu']}, "
+             f"{record['machine']['cores']} cores):", "",
              "| model | mean | spread (sd) | per seed |", "|---|---|---|---|"]
     for name, stage in record["stages"].items():
         lines.append(f"| {name} | {stage['mean']:.1%} | {stage['stdev']:.1%} | "
