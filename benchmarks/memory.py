@@ -37,7 +37,7 @@ from pathlib import Path
 
 # glibc's per-thread arenas and moving mmap threshold made the same case's peak RSS move by ~0.9 GiB between
 # runs; one arena and a fixed threshold (large blocks always mmapped, so freed ones leave RSS) steady it
-# runs between; and the fused loss's CPU-only torch.compile of its softmax-gradient stays off: inductor's own memory
+# And the fused loss's CPU-only torch.compile of its softmax-gradient stays off: inductor's own memory
 # (and a compile per case) belongs to no GPU run, which is what the estimate is for
 STEADY_MALLOC = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1048576", "BUDGET_REASONER_COMPILE": "0"}
 
