@@ -111,3 +111,28 @@ def test_longest_sequence_brackets_the_fit():
     assert estimate_training_memory(shape, preset, "sft").fits(preset.vram_gb)
     preset.model.max_length = longest + 128
     assert not estimate_training_memory(shape, preset, "sft").fits(preset.vram_gb)
+
+
+def test_dpo_counts_trls_fused_lm_head_and_its_cpu_fallback_by_hand():
+    """DPO's log-probs go through TRL 1.16's fused LM head: one 4,096 x 32,768 tile in the compute dtype, the saved
+    hidden states and their fp32 gradient, the frozen "ref" adapter; off CUDA its torch fallback's fp32 copies."""
+    shape = read_model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    preset = load_preset("12gb")  # bf16, batch x max_length pairs: twice the sequences
+    tokens = 2 * preset.dpo.batch_size * preset.model.max_length
+    parts = estimate_training_memory(shape, preset, "dpo").parts
+    tile = min(tokens, 4096) * 32768
+    assert parts["logits (TRL fused LM head, one tile)"] == tile * 2
+    assert parts["TRL head: saved hidden states + fp32 gradient"] == tokens * shape.hidden * (2 + 4)
+    assert parts["reference adapter (TRL's frozen copy)"] == lora_parameters(shape, preset) * 4
+    assert "logits (fused, one chunk)" not in parts and "TRL torch-fallback tile copies (fp32)" not in parts
+    on_cpu = estimate_training_memory(shape, preset, "dpo", device="cpu").parts
+    assert on_cpu["TRL torch-fallback tile copies (fp32)"] == tile * 4 * 8
+
+
+def test_the_chunked_loss_counts_its_16_bit_copy_and_the_cpu_chunk():
+    shape = read_model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    preset = load_preset("12gb")
+    # bf16: 128 tokens of fp32 logits and the same chunk in bf16 beside them (matmul output, gradient's cast)
+    assert estimate_training_memory(shape, preset, "distill").parts["logits (fused, one chunk)"] == 128 * shape.vocab * 6
+    # on the CPU the chunks are twice as large (256 MiB of fp32 logits), and its plan computes in fp32: no copy
+    assert estimate_training_memory(shape, preset, "distill", device="cpu").parts["logits (fused, one chunk)"] == 256 * shape.vocab * 4
