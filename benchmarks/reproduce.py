@@ -92,6 +92,15 @@ def aggregate(out: Path) -> dict:
         if values:
             stages[name] = {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
                             "min": min(values), "max": max(values), "per_seed": values}
+    # test-time compute per stage, from each run's eval summaries: the mean over seeds of each metric
+    folders = [path.parent for path in sorted(out.glob("*/reproduce.json")) if not json.loads(path.read_text())["teacher_only"]]
+    metrics = {}
+    for name in ("teacher", *STAGES):
+        summaries = [json.loads((f / "eval" / name / "summary.json").read_text()) for f in folders
+                     if (f / "eval" / name / "summary.json").exists()]
+        keys = [key for key in (summaries[0] if summaries else {}) if key.startswith(("pass@", "maj@", "best_of_"))]
+        if summaries:
+            metrics[name] = {key: statistics.mean(summary[key] for summary in summaries) for key in keys}
     comparisons = {}
     for before, after in (("base", "sft"), ("sft", "dpo"), ("dpo", "distill"), ("sft", "distill")):
         pairs = [(r["correct"][before], r["correct"][after]) for r in full if before in r["correct"] and after in r["correct"]]
@@ -100,7 +109,7 @@ def aggregate(out: Path) -> dict:
                 "per_seed": [mcnemar(a, b) for a, b in pairs],
                 "pooled": mcnemar([x for a, _ in pairs for x in a], [x for _, b in pairs for x in b]),
             }
-    return {"runs": len(runs), "teacher": teacher, "stages": stages, "comparisons": comparisons,
+    return {"runs": len(runs), "teacher": teacher, "stages": stages, "metrics": metrics, "comparisons": comparisons,
             "wall_seconds": [{"seed": r["seed"], "threads": r["threads"], "teacher_only": r["teacher_only"],
                               "seconds": r["wall_seconds"]} for r in runs],
             "run_commits": sorted({r.get("commit", "unknown") for r in runs})}
@@ -114,6 +123,11 @@ def markdown(record: dict) -> str:
     for name, stage in record["stages"].items():
         lines.append(f"| {name} | {stage['mean']:.1%} | {stage['stdev']:.1%} | "
                      + ", ".join(f"{value:.1%}" for value in stage["per_seed"]) + " |")
+    if record.get("metrics"):
+        keys = list(next(iter(record["metrics"].values())))
+        lines += ["", "| model (mean over seeds) | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, values in record["metrics"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{values[key]:.1%}" for key in keys) + " |")
     lines += ["", "| change | per seed: gained / lost (McNemar p) | pooled: gained / lost (p) |", "|---|---|---|"]
     for name, test in record["comparisons"].items():
         per_seed = "; ".join(f"{t['gained']} / {t['lost']} ({t['p_value']:.2g})" for t in test["per_seed"])
