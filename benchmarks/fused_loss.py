@@ -103,6 +103,20 @@ def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str
             "added_bytes": peak - before, "threads": torch.get_num_threads()}
 
 
+NAMES = {"reference": "eager naive (full logits)", "torch": "ours, chunked (compiled softmax-gradient)",
+         "torch-eager": "ours, chunked, eager", "cce": "Cut Cross-Entropy (torch_compile)", "liger": "liger-kernel",
+         "triton": "ours, Triton"}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| implementation | seconds (best of {}) | compile / warm-up s | added memory MB |".format(result.get("repeats", "?")),
+             "|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {NAMES.get(row['backend'], row['backend'])} | {row['seconds']:.1f} | {row['warmup_seconds']:.1f} | "
+                     f"{row['added_bytes'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
@@ -114,8 +128,12 @@ def main():
     parser.add_argument("--peer", choices=["cce", "liger"], help="add a peer: cce = Apple's Cut Cross-Entropy (torch_compile "
                         "impl on the CPU), liger = liger-kernel; on the CPU with cce: reference, torch, torch-eager, cce")
     parser.add_argument("--write", metavar="NAME", help="save the rows as benchmarks/results/<machine>/NAME.json")
+    parser.add_argument("--table", metavar="JSON", help="print the README's markdown table of a --write result, and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
     if args.case:  # child process: one measurement
         print(json.dumps(run_case(**json.loads(args.case))))
         return

@@ -288,6 +288,16 @@ def _training_cases(args, model: str, saved: str) -> list[dict]:
                  saved=saved, stage=stage, compute=args.compute) for stage in args.stages]
 
 
+def markdown_table(result: dict) -> str:
+    """model x stage: estimated, measured, error (a --write result of training cases)."""
+    lines = ["| model | stage | tokens | estimated GiB | measured GiB | error |", "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        tokens = row["tokens"] * (2 if row.get("stage") == "dpo" else 1)
+        lines.append(f"| {row['model'].split('/')[-1].removesuffix('-Instruct')} | {row.get('stage', 'sft')} | {tokens:,} | "
+                     f"{row['estimated'] / 2**30:.2f} | {row['measured'] / 2**30:.2f} | {row['error']:+.1%} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"])
@@ -302,8 +312,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--write", metavar="NAME", help="save the rows as benchmarks/results/<machine>/NAME.json")
     parser.add_argument("--layers", type=int, help="smoke tests only: cut each model to this many layers")
+    parser.add_argument("--table", metavar="JSON", help="print the README's markdown table of a --write result, and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
     if args.case:
         case = json.loads(args.case)
         print(json.dumps(run_generate_case(**case) if "sequences" in case else run_case(**case)))
