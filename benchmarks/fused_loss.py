@@ -128,6 +128,7 @@ def main():
     parser.add_argument("--peer", choices=["cce", "liger"], help="add a peer: cce = Apple's Cut Cross-Entropy (torch_compile "
                         "impl on the CPU), liger = liger-kernel; on the CPU with cce: reference, torch, torch-eager, cce")
     parser.add_argument("--write", metavar="NAME", help="save the rows as benchmarks/results/<machine>/NAME.json")
+    parser.add_argument("--label", help="a note saved with --write (e.g. which code ran, when PYTHONPATH points elsewhere)")
     parser.add_argument("--table", metavar="JSON", help="print the README's markdown table of a --write result, and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,7 +174,7 @@ def main():
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from record import write_result
 
-        print(f"wrote {write_result(args.write, {'device': device, 'dtype': args.dtype, 'repeats': args.repeats, 'rows': rows})}")
+        print(f"wrote {write_result(args.write, {'device': device, 'dtype': args.dtype, 'repeats': args.repeats, 'label': args.label, 'rows': rows})}")
 
 
 if __name__ == "__main__":
