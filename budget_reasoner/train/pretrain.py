@@ -151,10 +151,13 @@ def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str],
     under `models_dir`."""
     tokenizer = build_offline_tokenizer(preset)
     pretrain, gen = preset.pretrain, preset.generate
-    teacher_data = teacher_examples(preset, held_out_questions)
-    # The teacher's check: multi-step problems like the held-out split's, seen neither in training nor in eval.
-    seen = held_out_questions | {question for question, _ in teacher_data}
-    check_problems = math_domain.make_problems(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps, seen)
+    # The teacher's check: multi-step problems drawn like the held-out split (not from what training left over:
+    # the small problems are few, and training would have used up most of them, leaving the check only larger
+    # numbers; a teacher 98.5% right on such a check was 88.7% right on the held-out split), then kept out of
+    # the teacher's training like the held-out split is.
+    check_problems = math_domain.make_problems(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps,
+                                               held_out_questions)
+    teacher_data = teacher_examples(preset, held_out_questions | {p.question for p in check_problems})
     log = {}
     for role, examples, steps, shape, check in (
         ("teacher", teacher_data, pretrain.teacher_steps, preset.model.tiny_teacher,
