@@ -83,7 +83,8 @@ def aggregate(out: Path) -> dict:
     if not runs:
         raise SystemExit(f"no runs under {out}")
     teacher = [{"seed": r["seed"], "threads": r["threads"], "accuracy": r["teacher_accuracy"], "steps": r["teacher_steps"],
-                "check_accuracy": r["teacher_check_accuracy"]} for r in runs]
+                "check_accuracy": r["teacher_check_accuracy"], "run": "teacher only" if r["teacher_only"] else "quickstart",
+                "commit": r.get("commit", "unknown")} for r in runs]
     full = [r for r in runs if not r["teacher_only"]]
     stages = {}
     for name in ("teacher", *STAGES):
@@ -133,9 +134,11 @@ def markdown(record: dict) -> str:
         per_seed = "; ".join(f"{t['gained']} / {t['lost']} ({t['p_value']:.2g})" for t in test["per_seed"])
         pooled = test["pooled"]
         lines.append(f"| {name} | {per_seed} | {pooled['gained']} / {pooled['lost']} ({pooled['p_value']:.2g}) |")
-    lines += ["", "| teacher run | seed | threads | steps | check accuracy | held-out accuracy |", "|---|---|---|---|---|---|"]
-    for run in sorted(record["teacher"], key=lambda r: (r["threads"], r["seed"])):
-        lines.append(f"| | {run['seed']} | {run['threads']} | {run['steps']} | {run['check_accuracy']:.1%} | {run['accuracy']:.1%} |")
+    lines += ["", "| teacher bootstrap | commit | seed | threads | steps | check accuracy | held-out accuracy |",
+              "|---|---|---|---|---|---|---|"]
+    for run in sorted(record["teacher"], key=lambda r: (r["run"], r["commit"], r["threads"], r["seed"])):
+        lines.append(f"| {run['run']} | {run['commit']} | {run['seed']} | {run['threads']} | {run['steps']} | "
+                     f"{run['check_accuracy']:.1%} | {run['accuracy']:.1%} |")
     return "\n".join(lines)
 
 
