@@ -4,8 +4,8 @@
     python benchmarks/fused_loss.py --peer cce --repeats 2 --write fused_loss_cce   # CPU: ours vs CCE vs eager
     python benchmarks/fused_loss.py --tokens 1024 4096 16384 --shapes 896x151936 4096x128256 --dtype bfloat16   # GPU
 
-Backends: `reference` (eager naive: full logits, F.cross_entropy), `torch` (ours, chunked; on the CPU its per-chunk
-softmax-gradient compiled), `torch-eager` (ours with BUDGET_REASONER_COMPILE=0), `triton` (ours, CUDA), `liger`
+Backends: `reference` (eager naive: full logits, F.cross_entropy), `torch` (ours, chunked, eager: the default),
+`torch-compiled` (ours with BUDGET_REASONER_COMPILE=1: the per-chunk softmax-gradient compiled), `triton` (ours, CUDA), `liger`
 (liger-kernel's fused linear cross-entropy), `cce` (cut-cross-entropy's `linear_cross_entropy(impl="torch_compile")`,
 its CPU implementation; `--peer cce` installs nothing itself: `pip install cut-cross-entropy==25.1.1`).
 Each case runs in a fresh subprocess: one warm-up step (compilation happens there), then `--repeats` timed steps,
@@ -63,13 +63,10 @@ def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str
 
         impl = "cce" if device == "cuda" else "torch_compile"  # CCE's Triton kernels need CUDA
         step = lambda: linear_cross_entropy(h, w, labels, softcap=softcap, impl=impl)  # noqa: E731
-    elif backend == "torch-eager":
+    elif backend == "torch-compiled":
         import os
 
-        os.environ["BUDGET_REASONER_COMPILE"] = "0"
-        from budget_reasoner.kernels import fused_loss
-
-        fused_loss._compiled["failed"] = True  # read at import: the switch above came after it
+        os.environ["BUDGET_REASONER_COMPILE"] = "1"  # read at each call
         step = lambda: fused_linear_cross_entropy(h, w, labels, backend="torch", softcap=softcap)  # noqa: E731
     else:
         step = lambda: fused_linear_cross_entropy(h, w, labels, backend=backend, softcap=softcap)  # noqa: E731
@@ -103,8 +100,8 @@ def run_case(backend: str, tokens: int, hidden: int, vocab: int, dtype_name: str
             "added_bytes": peak - before, "threads": torch.get_num_threads()}
 
 
-NAMES = {"reference": "eager naive (full logits)", "torch": "ours, chunked (compiled softmax-gradient)",
-         "torch-eager": "ours, chunked, eager", "cce": "Cut Cross-Entropy (torch_compile)", "liger": "liger-kernel",
+NAMES = {"reference": "eager naive (full logits)", "torch": "ours, chunked (eager, the default)",
+         "torch-compiled": "ours, chunked, compiled softmax-gradient", "cce": "Cut Cross-Entropy (torch_compile)", "liger": "liger-kernel",
          "triton": "ours, Triton"}
 
 
@@ -126,7 +123,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--softcap", type=float, default=None, help="final_logit_softcapping, e.g. 30 (Gemma 2)")
     parser.add_argument("--peer", choices=["cce", "liger"], help="add a peer: cce = Apple's Cut Cross-Entropy (torch_compile "
-                        "impl on the CPU), liger = liger-kernel; on the CPU with cce: reference, torch, torch-eager, cce")
+                        "impl on the CPU), liger = liger-kernel; on the CPU with cce: reference, torch, torch-compiled, cce")
     parser.add_argument("--write", metavar="NAME", help="save the rows as benchmarks/results/<machine>/NAME.json")
     parser.add_argument("--label", help="a note saved with --write (e.g. which code ran, when PYTHONPATH points elsewhere)")
     parser.add_argument("--table", metavar="JSON", help="print the README's markdown table of a --write result, and exit")
@@ -144,7 +141,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = args.backends or (["reference", "torch", "triton", "liger"] if device == "cuda" else ["reference", "torch"])
     if args.peer == "cce" and not args.backends:
-        backends = ["reference", "torch", "triton", "cce"] if device == "cuda" else ["reference", "torch-eager", "torch", "cce"]
+        backends = ["reference", "torch", "triton", "cce"] if device == "cuda" else ["reference", "torch", "torch-compiled", "cce"]
     if args.peer and importlib.util.find_spec({"cce": "cut_cross_entropy", "liger": "liger_kernel"}[args.peer]) is None:
         sys.exit(f"--peer {args.peer}: pip install {'cut-cross-entropy==25.1.1' if args.peer == 'cce' else 'liger-kernel==0.8.5'} first")
     rows = []

@@ -154,6 +154,7 @@ def test_compiled_softmax_gradient_matches_reference(monkeypatch, kind):
     pytest.importorskip("torch._inductor")
     monkeypatch.setattr(fl, "COMPILE_MIN_ELEMENTS", 0)
     monkeypatch.setitem(fl._compiled, "failed", False)
+    monkeypatch.setenv("BUDGET_REASONER_COMPILE", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     h, w, labels, ids, lps = make_inputs(50, 16, 300, k=5, dtype=torch.float32)
     if kind == "ce":
@@ -178,6 +179,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     monkeypatch.setattr(fl, "COMPILE_MIN_ELEMENTS", 0)
     monkeypatch.setattr(fl, "_compiled", {"fn": None, "failed": False})
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv("BUDGET_REASONER_COMPILE", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     h, w, labels, _, _ = make_inputs(20, 8, 50, k=5, dtype=torch.float32)
     with pytest.warns(UserWarning, match="torch.compile unavailable"):

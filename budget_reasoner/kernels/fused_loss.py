@@ -43,8 +43,10 @@ CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is 128 tokens at V=
 # On the CPU a 128-token chunk starves the matmuls (K=128 in the weight-gradient GEMM, and each chunk reads and writes
 # the whole V x H weight gradient): 256 tokens at V=151,936 ran the three GEMMs ~25% faster, 512 no faster again.
 CPU_CHUNK_LOGITS_BYTES = 2**28
-# The softmax-gradient of a chunk is compiled (torch.compile, one fused pass instead of five) on the CPU for chunks at
-# least this large: an LM head's, where compiling once (~20-60 s) is repaid; never for test-sized ones.
+# With BUDGET_REASONER_COMPILE=1 the softmax-gradient of a chunk is compiled (torch.compile: three passes over the
+# chunk instead of five) on the CPU, for chunks at least this large (an LM head's; never test-sized ones). Off by
+# default: on the 2-core AMX CPU the three GEMMs are ~90% of a step (213 GFLOP/s of ~250), so it can save a few
+# percent at most, and compiling costs ~30-60 s per process.
 COMPILE_MIN_ELEMENTS = 2**24
 
 
@@ -73,14 +75,14 @@ def _softmax_scaled_eager_(logits: torch.Tensor, coef: torch.Tensor) -> torch.Te
     return (row_max + sum_exp.log()).squeeze(1)
 
 
-_compiled = {"fn": None, "failed": os.environ.get("BUDGET_REASONER_COMPILE", "1") == "0"}
+_compiled = {"fn": None, "failed": False}
 
 
 def _softmax_scaled(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """The compiled softmax-gradient for a large CPU chunk, else (and if compiling fails: once, with a warning) eager.
-    BUDGET_REASONER_COMPILE=0 turns compiling off; so does TRITON_INTERPRET=1 (the interpreter's tests)."""
-    if (_compiled["failed"] or logits.device.type != "cpu" or logits.numel() < COMPILE_MIN_ELEMENTS
-            or os.environ.get("TRITON_INTERPRET") == "1"):
+    """With BUDGET_REASONER_COMPILE=1, the compiled softmax-gradient for a large CPU chunk; else (and if compiling
+    fails: once, with a warning) eager. Never under TRITON_INTERPRET=1 (the interpreter's tests)."""
+    if (os.environ.get("BUDGET_REASONER_COMPILE") != "1" or _compiled["failed"] or logits.device.type != "cpu"
+            or logits.numel() < COMPILE_MIN_ELEMENTS or os.environ.get("TRITON_INTERPRET") == "1"):
         return _softmax_scaled_eager_(logits, coef)
     try:
         if _compiled["fn"] is None:
