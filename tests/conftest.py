@@ -50,6 +50,22 @@ def one_error_line(result) -> str:
     return lines[-1]
 
 
+def interrupt_eval_on_second_shard(monkeypatch) -> list:
+    """Eval's shard loop raises KeyboardInterrupt on its second shard; returns the list that counts the shards answered."""
+    from budget_reasoner.eval import run
+
+    original, calls = run._generate_answers, []
+
+    def answer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "_generate_answers", answer)
+    return calls
+
+
 @pytest.fixture
 def tiny_preset():
     from budget_reasoner.config import load_preset

@@ -12,7 +12,7 @@ from budget_reasoner.eval import majority, majority_correct
 from budget_reasoner.eval.metrics import (accuracy_curve, best_of_n, cluster_answers, majority_vote, pass_at_k,
                                           tokens_curve, vote)
 from budget_reasoner.verify import check, extract
-from tests.conftest import PROJECT_DATA
+from tests.conftest import PROJECT_DATA, interrupt_eval_on_second_shard
 
 
 def test_pass_at_k_against_hand_computed_values():
@@ -301,15 +301,7 @@ def test_an_interrupted_eval_resumes_at_its_next_shard(tiny_run, tmp_path, monke
     problems = out / "data" / "problems" / "held_out.jsonl"
     assert preset.generate.shard_size < preset.generate.num_eval_problems  # at least two shards
     whole = run.evaluate(out / "sft", problems, tmp_path / "whole", preset)
-    original, calls = run._generate_answers, []
-
-    def interrupt_on_second_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(run, "_generate_answers", interrupt_on_second_shard)
+    calls = interrupt_eval_on_second_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run.evaluate(out / "sft", problems, tmp_path / "resumed", preset)
     first_shard = tmp_path / "resumed" / "shards" / "shard-00000.jsonl"

@@ -12,7 +12,7 @@ import pytest
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import FINGERPRINT, claim_stage, mark_complete, read_json, verify_complete, write_jsonl
-from tests.conftest import TINY_ARGS, ScriptedTeacher, invoke, one_error_line
+from tests.conftest import TINY_ARGS, ScriptedTeacher, interrupt_eval_on_second_shard, invoke, one_error_line
 
 OVERRIDES = TINY_ARGS
 
@@ -214,15 +214,7 @@ def test_a_resumed_evals_compute_adds_up_its_sessions(tiny_run, tmp_path, monkey
 
     out, preset, _ = tiny_run
     problems = out / "data" / "problems" / "held_out.jsonl"
-    original, calls = run._generate_answers, []
-
-    def interrupt_on_second_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(run, "_generate_answers", interrupt_on_second_shard)
+    interrupt_eval_on_second_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run.evaluate(out / "sft", problems, tmp_path / "ev", preset)
     summary = run.evaluate(out / "sft", problems, tmp_path / "ev", preset)

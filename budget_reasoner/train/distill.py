@@ -12,8 +12,6 @@ tokenizer hash sit in the cache's COMPLETE.json and must match the student's tok
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
-from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, mark_complete, read_json, read_jsonl,
+from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, digest, mark_complete, read_json, read_jsonl,
                                 read_shards, settings_of, shard_path, write_jsonl, writes_folder)
 from budget_reasoner.kernels import linear_topk_logprobs
 from budget_reasoner.kernels.patch import final_hidden_states, final_logit_softcap, fused_kd_loss, lm_head_weight
@@ -38,8 +36,7 @@ CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
 
 def tokenizer_hash(tokenizer) -> str:
     """Two tokenizers with the same vocabulary and template hash the same; KD needs exactly that."""
-    payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template])  # the same value as before
 
 
 @writes_folder("cache_dir")
