@@ -13,7 +13,8 @@ import torch
 
 from budget_reasoner.config import load_preset
 from budget_reasoner.domains import math as math_domain
-from budget_reasoner.eval.generation import chat_prompt, prompt_texts
+from budget_reasoner.sampling import chat_prompt
+from budget_reasoner.sampling.local import prompt_texts
 from budget_reasoner.models import build_tiny_model
 from budget_reasoner.train.pretrain import build_offline_tokenizer
 

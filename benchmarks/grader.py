@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from budget_reasoner.eval.benchmarks import load_benchmark
+from budget_reasoner.problems import load_benchmark
 from budget_reasoner.verify import grade
 from budget_reasoner.verify.math import MAX_COMPLETION_CHARS, SYMBOLIC_TIMEOUT_SECONDS, cheap_equal, grade_math, to_number
 from budget_reasoner.verify.symbolic import worker

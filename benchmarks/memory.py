@@ -213,7 +213,7 @@ def run_generate_case(model: str, sequences: int, prompt: int, new_tokens: int, 
     from transformers import LogitsProcessorList
 
     from budget_reasoner.config import Preset
-    from budget_reasoner.eval.generation import ChosenTokenLogprobs
+    from budget_reasoner.sampling.local import ChosenTokenLogprobs
     from budget_reasoner.memory import estimate_inference_memory, read_model_shape
 
     torch.manual_seed(0)

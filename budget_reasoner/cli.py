@@ -249,9 +249,9 @@ def eval_command(
     """Held-out accuracy with test-time compute: greedy or budget-forced, pass@k, majority vote, best-of-N."""
     settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
                                       "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
-    from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
     from budget_reasoner.eval.run import evaluate
     from budget_reasoner.io import write_jsonl
+    from budget_reasoner.problems import load_benchmark, load_multiple_choice
 
     if benchmark:
         rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)

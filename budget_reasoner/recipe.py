@@ -20,16 +20,17 @@ import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
 from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
-from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, problem_settings, write_problems
-from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher, redact
+from budget_reasoner.generate.pipeline import problem_settings, write_problems
+from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import (COMPLETE, LOCK, claim_stage, digest, mark_complete, read_json, settings_of, write_json,
                                 write_jsonl, writes_folder)
+from budget_reasoner.problems import PROBLEM_COLUMNS, load_benchmark, parse_problem_source
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
+from budget_reasoner.sampling.server import redact
 from budget_reasoner.train.distill import cache_teacher_topk, distill
 from budget_reasoner.train.dpo import dpo
 from budget_reasoner.train.pretrain import bootstrap

@@ -4,7 +4,7 @@ import pytest
 
 from budget_reasoner.config import load_preset
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
+from budget_reasoner.problems import load_benchmark, parse_problem_source
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.io import read_json
 from tests.conftest import PROJECT_DATA

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.eval.benchmarks import load_benchmark, load_multiple_choice
 from budget_reasoner.eval import majority, majority_correct
 from budget_reasoner.eval.metrics import (accuracy_curve, best_of_n, cluster_answers, majority_vote, pass_at_k,
                                           tokens_curve, vote)
+from budget_reasoner.problems import load_benchmark, load_multiple_choice
 from budget_reasoner.verify import check, extract
 from tests.conftest import PROJECT_DATA, interrupt_eval_on_second_shard
 
@@ -174,7 +174,8 @@ def test_multiple_choice_shuffles_with_a_seed_and_grades_letters(tmp_path):
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
-    from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+    from budget_reasoner.sampling import chat_prompt
+    from budget_reasoner.sampling.local import generate_texts, prompt_texts
     from budget_reasoner.eval.run import load_for_inference
     from budget_reasoner.hardware import detect
 
@@ -188,7 +189,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
 
 def test_generated_token_counts_match_unbatched_generate(tiny_run):
     """A count is the new tokens up to and including EOS: padding after an early stop is not counted."""
-    from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+    from budget_reasoner.sampling import chat_prompt
+    from budget_reasoner.sampling.local import generate_texts, prompt_texts
     from budget_reasoner.models import build_tiny_model, load_tokenizer
 
     out, preset, _ = tiny_run
@@ -213,7 +215,8 @@ def test_generated_token_counts_match_unbatched_generate(tiny_run):
 def test_token_logprobs_match_transformers_transition_scores(tiny_run, temperature, samples):
     """Our one-float-per-token recorder against transformers' own compute_transition_scores over the stored
     scores of the same (seeded, identically batched) generation."""
-    from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+    from budget_reasoner.sampling import chat_prompt
+    from budget_reasoner.sampling.local import generate_texts, prompt_texts
     from budget_reasoner.eval.run import load_for_inference
     from budget_reasoner.hardware import detect
 
@@ -238,7 +241,8 @@ def test_token_logprobs_match_transformers_transition_scores(tiny_run, temperatu
 
 
 def test_budget_forcing_caps_the_thinking(tiny_run):
-    from budget_reasoner.eval.generation import THINK_CLOSE, chat_prompt, generate_with_budget
+    from budget_reasoner.eval.budget_forcing import THINK_CLOSE, generate_with_budget
+    from budget_reasoner.sampling import chat_prompt
     from budget_reasoner.eval.run import load_for_inference
     from budget_reasoner.hardware import detect
 

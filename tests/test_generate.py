@@ -104,7 +104,7 @@ def test_malformed_rows_name_file_and_line(tmp_path):
 
 def test_a_local_teachers_chains_carry_their_tokens_and_the_stage_its_cost(tiny_run, tmp_path):
     from budget_reasoner.config import load_preset
-    from budget_reasoner.eval.generation import Generated
+    from budget_reasoner.sampling import Generated
     from budget_reasoner.hardware import detect
     from budget_reasoner.recipe import make_teacher
     from tests.conftest import TINY

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from budget_reasoner.config import TinyModelConfig
-from budget_reasoner.eval.generation import chat_prompt, generate_texts, prompt_texts
+from budget_reasoner.sampling import chat_prompt
+from budget_reasoner.sampling.local import generate_texts, prompt_texts
 from budget_reasoner.models import build_tiny_model, build_tokenizer
 
 LEAKY = {

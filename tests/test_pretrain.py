@@ -47,7 +47,7 @@ def test_without_reaching_the_target_it_cools_down_before_the_step_limit(world):
 
 
 def test_greedy_accuracy_grades_the_models_own_answers(world, monkeypatch):
-    from budget_reasoner.eval.generation import Generated
+    from budget_reasoner.sampling import Generated
     from budget_reasoner.train import pretrain
 
     _, tokenizer, _ = world

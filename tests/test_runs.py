@@ -341,7 +341,7 @@ def test_a_run_folder_moved_to_another_disk_is_used_from_another_directory(tiny_
 
 
 def test_recorded_bases_inside_outside_and_on_the_hub(tmp_path):
-    from budget_reasoner.train.common import recorded_base, stage_model_paths
+    from budget_reasoner.stages import recorded_base, stage_model_paths
 
     (tmp_path / "run" / "models" / "base").mkdir(parents=True)
     (tmp_path / "elsewhere" / "model").mkdir(parents=True)

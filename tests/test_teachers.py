@@ -112,7 +112,7 @@ SECRET = "sk-live-0123456789"
 
 
 def test_redact_takes_credentials_out_of_urls_and_keeps_the_rest():
-    from budget_reasoner.generate.teachers import redact
+    from budget_reasoner.sampling.server import redact
 
     assert redact(f"http://user:{SECRET}@gpu-box:8000/v1") == "http://***@gpu-box:8000/v1"
     assert redact(f"https://host/v1?api_key={SECRET}&api-version=2024-06") == "https://host/v1?api_key=***&api-version=2024-06"

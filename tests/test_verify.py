@@ -171,7 +171,7 @@ def test_an_unknown_domain_is_a_one_line_error():
 
 def test_the_one_reference_solution_that_boxes_two_forms_of_its_answer_now_agrees():
     """MATH-500 has one solution that boxes the same value twice, in two notations; it used to count as hedging."""
-    from budget_reasoner.eval.benchmarks import load_benchmark
+    from budget_reasoner.problems import load_benchmark
     from budget_reasoner.verify.math import answer_boxes
     from tests.conftest import PROJECT_DATA
 

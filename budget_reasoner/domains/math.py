@@ -1,5 +1,5 @@
 """The math domain: procedural multi-step arithmetic problems with exact answers. (Seed sets such as GSM8K's
-training split come in through `generate.seed_sets`, read by eval/benchmarks.py.)
+training split come in through `generate.seed_sets`, read by problems.py.)
 
 A problem composes 2-3 operations, written in ordinary notation with the fewest parentheses:
 `(12+7-5)*3`. Its worked chain does one operation per line, so each line is a single-step skill:

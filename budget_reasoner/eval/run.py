@@ -12,16 +12,18 @@ from pathlib import Path
 import torch
 
 from budget_reasoner.config import Preset
-from budget_reasoner.eval.generation import chat_prompt, generate_texts, generate_with_budget, prompt_texts
+from budget_reasoner.eval.budget_forcing import generate_with_budget
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, cluster_answers, mean, pass_at_k, tokens_curve, vote
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.generate.pipeline import PROBLEM_COLUMNS, PROBLEM_KINDS
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, mark_complete, read_jsonl, read_sessions,
                                 settings_of, shard_path, write_json, write_jsonl)
 from budget_reasoner.models import load_model, load_tokenizer
+from budget_reasoner.problems import PROBLEM_COLUMNS, PROBLEM_KINDS
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import check_adapter, stage_model_paths, tokenizer_of
+from budget_reasoner.sampling import chat_prompt
+from budget_reasoner.sampling.local import generate_texts, prompt_texts
+from budget_reasoner.stages import check_adapter, stage_model_paths, tokenizer_of
 from budget_reasoner.verify import ballot, check, equivalent, grade
 
 

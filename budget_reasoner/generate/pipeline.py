@@ -18,17 +18,15 @@ from pathlib import Path
 from budget_reasoner.config import Preset
 from budget_reasoner.domains import get_domain
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.eval.benchmarks import load_benchmark, parse_problem_source
-from budget_reasoner.eval.generation import chat_prompt
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.hardware import PeakMemory
 from budget_reasoner.io import (COMPLETE, add_session, claim_stage, mark_complete, read_json, read_jsonl, read_shards,
                                 settings_of, shard_path, write_json, write_jsonl, writes_folder)
+from budget_reasoner.problems import PROBLEM_COLUMNS, PROBLEM_KINDS, load_benchmark, parse_problem_source
 from budget_reasoner.progress import say
+from budget_reasoner.sampling import chat_prompt
 from budget_reasoner.verify import check
 
-PROBLEM_COLUMNS = ("id", "domain", "question", "answer", "source")
-PROBLEM_KINDS = {"question": "text", "domain": "text"}  # the answer may be anything: the grader reports a bad one
 CHAIN_COLUMNS = ("id", "question", "answer", "completion", "correct", "teacher", "sample_index")
 CHAIN_KINDS = {"question": "text", "completion": "text", "correct": "bool"}
 MAX_SFT_CHAINS_PER_PROBLEM = 2

@@ -1,36 +1,19 @@
-"""Teacher backends: anything that turns chat prompts into k sampled completions (text, or `Generated`
-objects that also carry their token counts).
+"""Teacher backends for the generate stage: anything with a `.name` and a `.sample` (see budget_reasoner.sampling)
+that turns chat prompts into k sampled completions (text, or `Generated` objects that also carry token counts).
 
 - `TransformersTeacher`: a local model (the offline tiny teacher, or any hub checkpoint that fits).
 - `OpenAITeacher`: any OpenAI-compatible server (vLLM's `vllm serve`, llama.cpp, a hosted 70B endpoint),
   configured by `BUDGET_REASONER_TEACHER_URL` / `BUDGET_REASONER_TEACHER_KEY`.
-
-A key can also sit in the URL (`https://user:KEY@host/v1`, `https://host/v1?api_key=KEY`); `redact` takes it
-out of anything we print or write: errors, teacher names in the chains' `teacher` column and stage records.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.eval.generation import Generated, generate_texts, prompt_texts
-
-
-# user:password@ after a scheme, and query values whose name says they are secret (api_key, token, sig, ...)
-_USERINFO = re.compile(r"(?<=://)[^/\s@'\"<>]+@")
-_SECRET_QUERY = re.compile(r"([?&][^=&#\s]*(?:key|token|secret|passw|auth|sig|credential)[^=&#\s]*=)[^&#\s'\"<>]*",
-                           re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """`text` with the credentials of every URL in it replaced by ***: fit for errors, logs and files."""
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", text))
+from budget_reasoner.sampling import Generated
+from budget_reasoner.sampling.server import ServerSampler, redact
 
 
 class TransformersTeacher:
@@ -42,51 +25,23 @@ class TransformersTeacher:
 
     def sample(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int,
                seed: int) -> list[list[Generated]]:
+        from budget_reasoner.sampling.local import generate_texts, prompt_texts
+
         return generate_texts(self.model, self.tokenizer, prompt_texts(self.tokenizer, prompts), max_new_tokens, self.batch_size,
                               temperature=temperature, num_samples=num_samples, seed=seed, description="teacher chains")
 
 
-class OpenAITeacher:
-    """Chat completions over HTTP, `n` samples per request (the server batches them)."""
+class OpenAITeacher(ServerSampler):
+    """A model on an OpenAI-compatible server; URL and key from the arguments, else the environment."""
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 600):
-        self.model = model
-        self.name = redact(model)  # written to every chain row and the stage record
-        self.base_url = (base_url or os.environ.get("BUDGET_REASONER_TEACHER_URL", "")).rstrip("/")
-        self.api_key = api_key or os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY")
-        self.timeout = timeout
-        if not self.base_url:
+        base_url = base_url or os.environ.get("BUDGET_REASONER_TEACHER_URL", "")
+        if not base_url:
             raise BudgetReasonerError("an OpenAI-compatible teacher needs BUDGET_REASONER_TEACHER_URL (e.g. http://localhost:8000/v1)")
-        if urllib.parse.urlsplit(self.base_url).scheme not in ("http", "https"):
+        if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
             # not echoed: without a scheme we cannot tell which part of it is a key
             raise BudgetReasonerError("BUDGET_REASONER_TEACHER_URL must start with http:// or https:// (e.g. http://localhost:8000/v1)")
-
-    def sample(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
-        return [self._complete(messages, num_samples, temperature, max_new_tokens, seed) for messages in prompts]
-
-    def _endpoint(self) -> str:
-        """base/chat/completions, keeping a query (a gateway's ?api_key=) after the path rather than inside it."""
-        parts = urllib.parse.urlsplit(self.base_url)
-        return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
-
-    def _complete(self, messages, num_samples, temperature, max_new_tokens, seed) -> list[str]:
-        body = json.dumps({"model": self.model, "messages": messages, "n": num_samples, "temperature": temperature,
-                           "max_tokens": max_new_tokens, "seed": seed}).encode()
-        try:
-            request = urllib.request.Request(self._endpoint(), data=body, method="POST",
-                                             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except (OSError, ValueError) as error:  # URLError, HTTPError, timeouts, resets; a malformed URL; a non-JSON answer
-            raise BudgetReasonerError(f"teacher server {redact(self.base_url)} did not answer: {redact(str(error))}") from None
-        choices = sorted(payload.get("choices", []), key=lambda choice: choice.get("index", 0))
-        return [_as_chain(choice["message"]) for choice in choices]
-
-
-def _as_chain(message: dict) -> str:
-    """Reasoning servers (DeepSeek-R1 style) return the thought apart from the answer; put it back in our format."""
-    reasoning = message.get("reasoning_content")
-    return f"<think>\n{reasoning}\n</think>\n{message['content']}" if reasoning else message["content"]
+        super().__init__(model, base_url, api_key or os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY"), timeout)
 
 
 def is_server_teacher(name: str) -> bool:

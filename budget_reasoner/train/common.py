@@ -17,6 +17,7 @@ from budget_reasoner.io import add_session, mark_complete, read_json, write_json
 from budget_reasoner.models import describe_precision, load_model, torch_dtype
 from budget_reasoner.plan import prepare_for_kbit_training, training_plan
 from budget_reasoner.progress import progress_bar, say
+from budget_reasoner.stages import check_adapter, recorded_base, stage_model_paths
 
 
 def encode_prompt_completion(tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
@@ -154,45 +155,6 @@ def _step_of(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
 
 
-def check_adapter(adapter: Path) -> None:
-    """A LoRA adapter folder peft can load: its config parses and its weights file is whole. Checked before any
-    model loads: peft reports a missing or truncated file as a hub 'Repo id' error, after the base has loaded."""
-    adapter = Path(adapter)
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        raise BudgetReasonerError(f"{adapter}: no adapter_config.json; not a LoRA adapter folder")
-    read_json(config)  # one line when it is not valid JSON
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (adapter / "adapter_model.bin").is_file():
-            return  # the older torch format: torch.load reports its own damage
-        raise BudgetReasonerError(f"{weights}: file not found; the adapter folder is incomplete")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)  # the header names every tensor's byte range: a truncated file fails here
-        size, expected = weights.stat().st_size, _safetensors_size(weights)
-        if size < expected:
-            raise ValueError(f"{size:,} bytes, its header describes {expected:,}")
-    except Exception as error:  # safetensors' own error types vary by version
-        raise BudgetReasonerError(f"{weights}: not a loadable safetensors file ({str(error).splitlines()[0]}); "
-                                  f"the adapter is corrupt or cut short") from None
-
-
-def _safetensors_size(path: Path) -> int:
-    """The bytes a safetensors file must have: 8 + its JSON header + the end of its last tensor."""
-    import json
-    import struct
-
-    with open(path, "rb") as handle:
-        length = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(length))
-    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
-    return 8 + length + max(ends, default=0)
-
-
 def check_prompt_lengths(tokenizer, rows: list[dict], source: Path, limit: int, what: str) -> None:
     """Refuse, with a count, rows whose prompt alone has `limit` tokens or more (`what` names the limit): their
     completion would be cut away entirely, so they would train nothing; say how many others are cut short.
@@ -214,20 +176,6 @@ def check_prompt_lengths(tokenizer, rows: list[dict], source: Path, limit: int, 
         say(f"{source}: {truncated} of {len(rows)} examples are longer than {what} ({limit} tokens) and are cut to it")
 
 
-def tokenizer_of(model_or_stage: str | Path):
-    """The tokenizer of a model or stage folder, loaded alone (seconds) so inputs are checked before the model loads."""
-    from budget_reasoner.models import load_tokenizer
-
-    base, adapter = stage_model_paths(Path(model_or_stage))
-    if adapter is not None:
-        check_adapter(adapter)  # before anything loads (tokenizer_of runs first in every stage)
-    try:
-        return load_tokenizer(adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base)
-    except (OSError, ValueError) as error:
-        raise BudgetReasonerError(f"cannot load the tokenizer of {str(model_or_stage)!r}: "
-                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-
-
 def stage_info(stage: str, preset, hardware, **counts) -> dict:
     """What a stage record says about itself beyond the run: its data counts and the machine it trained on."""
     return {"stage": stage, **counts, "device": hardware.describe(), "backend": hardware.backend,
@@ -246,50 +194,6 @@ def save_stage(output_dir: Path, model, tokenizer, base: str, run: dict, info: d
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     mark_complete(output_dir, {key: value for key, value in record.items() if key != "history"})
     return record
-
-
-# A stage records its base model so that the run folder can move (another disk, a Drive mounted elsewhere,
-# commands run from another directory): a local folder inside the run folder (the folder that holds the
-# stage: OUT of a quickstart) is written relative to the stage folder, "../models/student-base"; any other
-# local folder as an absolute path (never relative to the working directory, which changes); a hub id as given.
-
-def recorded_base(base: str | Path, stage_dir: Path) -> str:
-    """How `stage_dir/stage.json` names its base model (see above)."""
-    path = Path(base)
-    if not path.exists():
-        return str(base)  # a hub id
-    path, stage_dir = path.resolve(), Path(stage_dir).resolve()
-    if not path.is_relative_to(stage_dir.parent):
-        return str(path)
-    relative = Path(os.path.relpath(path, stage_dir)).as_posix()
-    return relative if relative.startswith("..") else f"./{relative}"
-
-
-def resolve_recorded_base(value: str, stage_dir: Path) -> str:
-    """A recorded base as a name to load: "./" and "../" paths resolve against the stage folder; anything else is
-    an absolute path or a hub id (or, in records older than relocatable runs, a path from the working directory)."""
-    if not value.startswith(("./", "../")):
-        return value
-    path = (Path(stage_dir) / value).resolve()
-    if not path.exists():
-        raise BudgetReasonerError(
-            f"{Path(stage_dir) / 'stage.json'}: its base model {value!r} (relative to the stage folder) is not at {path}; "
-            f"move a run folder as a whole, or copy the base model back there"
-        )
-    return str(path)
-
-
-def stage_model_paths(stage_dir: Path) -> tuple[str, Path]:
-    """(base model, adapter folder) of a finished stage; a plain model folder is its own base.
-
-    Local paths come back absolute, so they mean the same from any working directory."""
-    stage_dir = Path(stage_dir)
-    if (stage_dir / "stage.json").is_file():
-        record = read_json(stage_dir / "stage.json")
-        return resolve_recorded_base(record["base"], stage_dir), stage_dir / record["adapter"]
-    if (stage_dir / "adapter_config.json").is_file():
-        return read_json(stage_dir / "adapter_config.json")["base_model_name_or_path"], stage_dir
-    return str(stage_dir.resolve()) if stage_dir.exists() else str(stage_dir), None
 
 
 def load_for_training(stage_or_model: str | Path, preset, hardware):

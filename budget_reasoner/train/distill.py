@@ -27,8 +27,9 @@ from budget_reasoner.kernels.patch import final_hidden_states, final_logit_softc
 from budget_reasoner.memory import teacher_cache_batch
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
+from budget_reasoner.stages import tokenizer_of
 from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, pad_batch, save_stage,
-                                          stage_info, tokenizer_of, train_with_resume, training_arguments, with_lora)
+                                          stage_info, train_with_resume, training_arguments, with_lora)
 from budget_reasoner.train.sft import SFT_COLUMNS, SFT_KINDS
 
 CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")

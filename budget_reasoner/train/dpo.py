@@ -17,7 +17,8 @@ from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
 from budget_reasoner.models import describe_precision, load_tokenizer
 from budget_reasoner.progress import say
-from budget_reasoner.train.common import (check_prompt_lengths, load_for_training, save_stage, stage_info, tokenizer_of,
+from budget_reasoner.stages import tokenizer_of
+from budget_reasoner.train.common import (check_prompt_lengths, load_for_training, save_stage, stage_info,
                                           train_with_resume, training_arguments)
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")

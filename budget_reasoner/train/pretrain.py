@@ -17,9 +17,9 @@ import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.domains import math as math_domain
-from budget_reasoner.eval.generation import generate_texts, prompt_texts
 from budget_reasoner.models import build_tiny_model, build_tokenizer
 from budget_reasoner.progress import progress_bar, say
+from budget_reasoner.sampling.local import generate_texts, prompt_texts
 from budget_reasoner.train.common import encode_prompt_completion, pad_batch
 from budget_reasoner.verify import extract_answer
 

@@ -13,8 +13,9 @@ from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
 from budget_reasoner.models import describe_precision
 from budget_reasoner.progress import say
+from budget_reasoner.stages import tokenizer_of
 from budget_reasoner.train.common import (check_prompt_lengths, load_for_training, save_stage, stage_info,
-                                          tokenizer_of, train_with_resume, training_arguments, with_lora)
+                                          train_with_resume, training_arguments, with_lora)
 
 SFT_COLUMNS = ("prompt", "completion")
 SFT_KINDS = {"prompt": "messages", "completion": "messages"}

@@ -1,6 +1,9 @@
-"""Benchmark loaders: GSM8K, MATH-500, AIME24, AMC23 from a local JSONL file or a hub id, and GPQA-style
-multiple choice from the user's CSV. Every loader returns problem rows (`id, domain, question, answer,
-source`, plus `solution` where the set has one), the same contract the eval stage reads.
+"""Problems: the problem-file contract and the benchmark loaders, read by generate (seed sets, decontamination)
+and eval (held-out and benchmark problems) alike.
+
+A problems file is JSONL with `id, domain, question, answer, source` (PROBLEM_COLUMNS). The loaders read GSM8K,
+MATH-500, AIME24, AMC23 from a local JSONL file or a hub id, and GPQA-style multiple choice from the user's CSV;
+each returns such rows (plus `solution` where the set has one).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from typing import Callable
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import read_jsonl
 
+PROBLEM_COLUMNS = ("id", "domain", "question", "answer", "source")
+PROBLEM_KINDS = {"question": "text", "domain": "text"}  # the answer may be anything: the grader reports a bad one
+
 # The public files the project ships (data/README.md: sources and licences), read when a benchmark is named
 # without a path, so eval, seed sets and decontamination need no network. Absent from a wheel install: the hub then.
-BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def _number_text(value) -> str:
