@@ -104,6 +104,20 @@ def _report_to(value: str) -> str:
     return value
 
 
+def _token_price(value: str | None) -> tuple[float, float] | None:
+    """--token-price IN,OUT: USD per million prompt tokens and per million completion tokens."""
+    if value is None:
+        return None
+    try:
+        prompt, completion = (float(part) for part in value.split(","))
+    except ValueError:
+        prompt = completion = -1.0
+    if not (prompt >= 0 and completion >= 0):
+        raise BudgetReasonerError(f"--token-price {value!r}: give two prices in USD per million tokens, prompt then "
+                                  f"completion, as IN,OUT (e.g. 0.15,0.60)")
+    return prompt, completion
+
+
 @app.command()
 @friendly_errors
 def quickstart(
@@ -145,7 +159,8 @@ def bootstrap_command(
 @friendly_errors
 def generate(
     teacher: str = typer.Option(..., help="Teacher model: a local path, a hub id, or openai:MODEL for an OpenAI-compatible server "
-                                          "(BUDGET_REASONER_TEACHER_URL)."),
+                                          "(BUDGET_REASONER_TEACHER_URL; its key, if any, in BUDGET_REASONER_TEACHER_KEY; "
+                                          "requests in flight: --set generate.concurrency=N)."),
     out: Path = typer.Option(Path("runs/data"), help="Output folder: problems/, chains/, sft/, pairs/."),
     domain: str = typer.Option("math", help="The narrow domain."),
     seed_set: Optional[list[str]] = typer.Option(None, help="Training problems beside the procedural ones: gsm8k (its hub "
@@ -153,10 +168,14 @@ def generate(
     decontaminate: Optional[list[str]] = typer.Option(None, help="A benchmark no training problem may overlap (13-gram): "
                                                                 "gsm8k, math500, aime24, amc23, or NAME=PATH_OR_ID (repeatable)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
+    token_price: Optional[str] = typer.Option(None, help="An API teacher's prices, USD per million prompt and completion "
+                                                         "tokens, as IN,OUT (e.g. 0.15,0.60): the stage record prices "
+                                                         "the tokens the server counted."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Sample chains from a teacher, keep the ones the verifier accepts, and build the SFT set and preference pairs."""
+    price = _token_price(token_price)
     settings = _preset(preset, set_)
     from budget_reasoner.generate import generate as run_generate
     from budget_reasoner.hardware import hardware_for
@@ -164,9 +183,11 @@ def generate(
 
     settings.generate.seed_sets += seed_set or []
     settings.generate.decontaminate += decontaminate or []
-    summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain, overwrite)
+    summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain, overwrite,
+                           token_price=price)
+    cost = f"; {summary['cost_usd']:.4f} USD for the teacher's tokens" if "cost_usd" in summary else ""
     typer.echo(f"{summary['verified_chains']}/{summary['chains']} chains verified; "
-               f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}")
+               f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}{cost}")
 
 
 @app.command("sft")

@@ -131,6 +131,12 @@ class GenerateConfig:
     max_new_tokens: int = 64
     batch_size: int = 256  # prompts per generate() call
     shard_size: int = 200  # problems per shard on disk; an interrupted run resumes at the last shard
+    # A server teacher (openai:MODEL): requests in flight at once (vLLM batches them; one at a time leaves it idle),
+    # tries after a 429/5xx/timeout, and seconds to wait for one answer. How chains are fetched, not which: not in
+    # the generate folder's fingerprint, so a resumed run may change them.
+    concurrency: int = 64
+    max_retries: int = 5
+    request_timeout: float = 600.0
     seed: int = 0
     instruction: str = ""  # appended to each question; real models want "Please reason step by step..."
     # problems beside the procedural ones: a benchmark's training split, "gsm8k" (hub) or "gsm8k=PATH_OR_ID"
@@ -237,7 +243,8 @@ RULES: dict[type, dict[str, Rule]] = {
     GenerateConfig: {"num_train_problems": POSITIVE, "num_eval_problems": POSITIVE, "min_steps": POSITIVE,
                      "max_steps": POSITIVE, "samples_per_problem": POSITIVE, "temperature": NON_NEGATIVE,
                      "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "shard_size": POSITIVE, "seed": NON_NEGATIVE,
-                     "num_seed_problems": NON_NEGATIVE},
+                     "num_seed_problems": NON_NEGATIVE, "concurrency": POSITIVE, "max_retries": NON_NEGATIVE,
+                     "request_timeout": above(0)},
     EvalConfig: {"maj_k": POSITIVE, "temperature": NON_NEGATIVE, "max_new_tokens": POSITIVE, "batch_size": POSITIVE,
                  "think_budget": NON_NEGATIVE, "min_think_tokens": NON_NEGATIVE, "max_waits": NON_NEGATIVE,
                  "benchmark_problems": NON_NEGATIVE},

@@ -102,7 +102,9 @@ def run_bootstrap(out: Path, preset: Preset) -> dict:
 
 def make_teacher(teacher: str, preset: Preset, hardware: Hardware):
     if is_server_teacher(teacher):
-        return OpenAITeacher(teacher.removeprefix("openai:"))
+        gen = preset.generate
+        return OpenAITeacher(teacher.removeprefix("openai:"), timeout=gen.request_timeout, concurrency=gen.concurrency,
+                             max_retries=gen.max_retries)
     return LocalTeacher(teacher, preset, hardware)
 
 

@@ -49,7 +49,8 @@ def test_generate_writes_the_data_contract(tmp_path, tiny_preset):
     chains = read_shards(tmp_path / "data" / "chains")
     k = tiny_preset.generate.samples_per_problem
     assert len(chains) == tiny_preset.generate.num_train_problems * k == summary["chains"]
-    assert set(chains[0]) == {"id", "question", "answer", "completion", "correct", "teacher", "sample_index", "tokens"}
+    assert set(chains[0]) == {"id", "question", "answer", "completion", "correct", "teacher", "sample_index", "tokens",
+                              "prompt_tokens"}
     # the scripted teacher is right on even samples only, and the verifier must see exactly that
     assert all(row["correct"] == (row["sample_index"] % 2 == 0) for row in chains)
     problems = read_jsonl(tmp_path / "data" / "problems" / "train.jsonl")
