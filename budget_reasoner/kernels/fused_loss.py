@@ -177,12 +177,29 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         grad_hidden = (torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device)
                        if hidden.requires_grad else None)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        # Ignored tokens (a prompt's, padding) have a loss and a gradient of 0: gather the others first, so they
+        # cost no matmul at all (SFT masks every prompt token, often half a batch or more)
+        kept = (labels != ignore_index).nonzero().squeeze(1)
+        every_token_kept = kept.numel() == labels.numel()
+        if not every_token_kept:
+            labels = labels.index_select(0, kept)
+            topk_ids = None if topk_ids is None else topk_ids.index_select(0, kept)
+            topk_logprobs = None if topk_logprobs is None else topk_logprobs.index_select(0, kept)
+        hidden_kept = hidden if every_token_kept else hidden.index_select(0, kept)
+        tokens = hidden_kept.shape[0]
+        # One logits buffer for every chunk: a fresh tokens x V buffer per chunk is, on the CPU, a fresh mmap whose
+        # pages are faulted in (and zeroed) anew each time, which costs more than the softmax does
+        logits_buffer = torch.empty((min(chunk_tokens, tokens), weight.shape[0]), dtype=torch.float32, device=hidden.device)
         # the matmuls below are placed by hand (compute dtype in, fp32 out); autocast must not re-cast them
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_tokens):
-                stop = min(start + chunk_tokens, hidden.shape[0])
-                hidden_chunk = hidden[start:stop].to(compute)
-                logits = (hidden_chunk @ weight_c.t()).float()
+            for start in range(0, tokens, chunk_tokens):
+                stop = min(start + chunk_tokens, tokens)
+                hidden_chunk = hidden_kept[start:stop].to(compute)
+                logits = logits_buffer[: stop - start]
+                if compute == torch.float32:
+                    torch.mm(hidden_chunk, weight_c.t(), out=logits)
+                else:
+                    logits.copy_(hidden_chunk @ weight_c.t())
                 chunk_ids = None if topk_ids is None else topk_ids[start:stop]
                 chunk_lps = None if topk_logprobs is None else topk_logprobs[start:stop]
                 # gradients come back unnormalized (entries in [-1, 1]): 1/normalizer is applied in fp32 below
@@ -197,11 +214,15 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                                                         temperature, ignore_index, need_grad=True, softcap=softcap)
                 total += losses.sum()
                 if grad_hidden is not None:
-                    grad_hidden[start:stop] = ((grad_logits.to(compute) @ weight_c).float() / normalizer).to(grad_hidden.dtype)
+                    rows = ((grad_logits.to(compute) @ weight_c).float() / normalizer).to(grad_hidden.dtype)
+                    if every_token_kept:
+                        grad_hidden[start:stop] = rows
+                    else:
+                        grad_hidden.index_copy_(0, kept[start:stop], rows)
                 if grad_weight is not None:
                     # fp32: this sum runs over a whole chunk of tokens, which fp16 could overflow unnormalized
                     grad_weight.addmm_(grad_logits.t(), hidden_chunk.float(), alpha=1.0 / normalizer)
-                del logits, grad_logits  # before the next chunk's matmul: one chunk's buffer at a time, not two
+                del logits, grad_logits
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(_grad_dtype(weight.dtype)))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / normalizer
