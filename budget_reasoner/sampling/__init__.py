@@ -7,6 +7,8 @@ Two samplers behind one call, `sample(prompts, num_samples, temperature, max_new
   samples for self-play and RL).
 - `sampling.server`: any OpenAI-compatible server (vLLM, `transformers serve`, llama.cpp, a hosted API), many
   requests in flight, retried, with the server's own token counts.
+- `sampling.loopback`: a real such server on this machine (`transformers serve` on a loopback port), to try
+  and test the server path offline.
 
 Generate, eval and the RL stages all call these; none of them imports another stage to sample. This module
 imports neither torch nor transformers, so a server sampler starts without them.
