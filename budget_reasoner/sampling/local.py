@@ -84,9 +84,12 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
                    description: str = "generate") -> list[list[Generated]]:
     """`num_samples` continuations of each raw text (greedy when temperature is 0), in the input order.
 
-    Texts are sorted by length so each batch pads little; special tokens are dropped from the output.
+    Batched by length: the texts are sorted by their token count, so a batch holds prompts of about one length and
+    pads (and attends over padding) little, then the results are put back in input order. Special tokens are
+    dropped from the output.
     """
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     results: list[list[Generated]] = [[] for _ in texts]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
