@@ -80,6 +80,39 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, shape: TinyModelConfig,
     return model
 
 
+def build_scripted_model(tokenizer: PreTrainedTokenizerFast, completion: str) -> Qwen2ForCausalLM:
+    """A Qwen2 that answers `completion`, then its stop token, to any chat prompt: for testing what serves or samples
+    a model (a real server, a resumed run) where training one that answers something checkable would take minutes.
+
+    Every layer's output projections are zero, so each position sees only its own token's embedding; the untied LM
+    head is a bigram table that maps the generation prompt's last token to the completion's first, each completion
+    token to the next, the last to the stop token, with a margin of ~100 logits (greedy or sampled alike). So each
+    of those tokens may appear only once."""
+    generation_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1"}], add_generation_prompt=True,
+                                                      tokenize=False)
+    script = [tokenizer(generation_prompt, add_special_tokens=False)["input_ids"][-1],
+              *tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    if len(set(script[:-1])) < len(script) - 1:
+        raise BudgetReasonerError(f"a scripted model needs each token of {completion!r} once (and not the prompt's last)")
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:  # the residual stream is the token's own embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        for current, following in zip(script, script[1:]):
+            model.lm_head.weight[following] = 20 * embeddings[current] / embeddings[current].norm()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:

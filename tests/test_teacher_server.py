@@ -1,11 +1,10 @@
 """The server teacher against a real OpenAI-compatible server: `transformers serve` (continuous batching) on a
 loopback port, serving a tiny model folder saved with its tokenizer and chat template.
 
-The model is a scripted one, so that the generate stage can finish and the chains can be checked against what a
-reader predicts: every layer's output projections are zero, so each position sees only its own token's embedding,
-and the untied LM head maps each token of one fixed completion to the next (a bigram table with a wide margin).
-Whatever the question, it answers "\\boxed{N}" and stops, N being the most common answer among the training
-problems: some chains are verified, the rest rejected. The server, not us, tokenizes, decodes and counts.
+The model is a scripted one (models.build_scripted_model), so that the generate stage can finish and the chains can
+be checked against what a reader predicts: whatever the question, it answers "\\boxed{N}" and stops, N being the
+most common answer among the training problems: some chains are verified, the rest rejected. The server, not we,
+tokenizes, decodes and counts.
 """
 
 import collections
@@ -17,7 +16,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from budget_reasoner.config import load_preset
 from budget_reasoner.generate import generate
@@ -33,33 +31,12 @@ SETTINGS = {**TINY, "generate.num_train_problems": 48, "generate.samples_per_pro
 
 
 def scripted_teacher(folder, completion: str):
-    """Save a Qwen2 model that answers `completion` to any chat prompt (see the module docstring)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """Save models.build_scripted_model (see the module docstring) with the offline tokenizer; return the tokenizer."""
+    from budget_reasoner.models import build_scripted_model
     from budget_reasoner.train.pretrain import build_offline_tokenizer
 
     tokenizer = build_offline_tokenizer(load_preset("cpu-tiny"))
-    generation_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1"}], add_generation_prompt=True,
-                                                      tokenize=False)
-    script = [tokenizer(generation_prompt, add_special_tokens=False)["input_ids"][-1],
-              *tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    assert len(set(script[:-1])) == len(script) - 1, "a bigram table needs each token once"
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:  # the residual stream is the token's own embedding
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        embeddings = model.model.embed_tokens.weight
-        for current, following in zip(script, script[1:]):
-            model.lm_head.weight[following] = 20 * embeddings[current] / embeddings[current].norm()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
+    build_scripted_model(tokenizer, completion).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
