@@ -128,13 +128,15 @@ def quickstart(
     gpu_hour_price: Optional[float] = typer.Option(None, min=0, help="Dollars per GPU-hour: the report prices each stage."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    max_hours: Optional[float] = typer.Option(None, min=0, help="Stop before anything loads if the plan (`budget-reasoner "
+                                              "plan`) takes longer; on the CPU this calibrates first (~1 min)."),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     settings = _preset(preset, set_)  # first: it settles the backend before the stages are imported
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
-    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite)
+    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite, max_hours)
     typer.echo(markdown(results))
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -340,6 +342,30 @@ def vram(
     if card and stage in TRAINING_STAGES:
         typer.echo(f"longest {stage} sequence at batch {batch} on this card: "
                    f"~{longest_sequence(shape, settings, card, stage):,} tokens")
+
+
+@app.command("plan")
+@friendly_errors
+def plan_command(
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    gpu: Optional[str] = typer.Option(None, help="Plan for a card of the table in hardware.py (t4, rtx4090, a100-80gb, "
+                                      "...); without it, the card here, or the one the preset is sized for."),
+    vram_gib: Optional[float] = typer.Option(None, min=0.1, help="Plan for the table's card nearest this memory (GiB)."),
+    teacher: Optional[str] = typer.Option(None, help="The teacher quickstart would use (a path, hub id or openai:MODEL)."),
+    gpu_hour_price: Optional[float] = typer.Option(None, min=0, help="Dollars per GPU-hour: prices each stage."),
+    token_price: Optional[str] = typer.Option(None, help="An API teacher's USD per million tokens, prompt,completion."),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="On the CPU: measure again, not the cached calibration."),
+    json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON: {stages: [...], total_seconds}."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """How long (and how much) quickstart will take on a card, stage by stage, before anything runs."""
+    import json
+
+    settings = _preset(preset, set_, runs_models=False)
+    from budget_reasoner.calibrate import plan_quickstart
+
+    plan = plan_quickstart(settings, gpu, vram_gib, teacher, gpu_hour_price, _token_price(token_price), recalibrate)
+    typer.echo(json.dumps(plan.to_dict(), indent=2) if json_output else plan.table())
 
 
 @presets_app.command("list")

@@ -77,6 +77,8 @@ class Card:
     name: str
     total_gib: float  # total_memory / 2**30: below the nominal GB (GB vs GiB, and memory the driver reserves)
     capability: tuple[int, int]
+    bandwidth_gbs: float  # memory bandwidth, GB/s (spec sheet): what bounds decoding
+    tflops16: float  # dense fp16/bf16 tensor-core TFLOP/s with fp32 accumulation (spec sheet): what bounds training
 
     def hardware(self, backend: str = "bitsandbytes") -> Hardware:
         return Hardware("cuda", self.name, self.total_gib, self.capability, backend)
@@ -84,20 +86,22 @@ class Card:
 
 # What torch.cuda.get_device_properties(0).total_memory reports on common cards (GiB), well-known figures; a
 # preset is chosen by what the estimator says fits this, not by the GB on the box. bf16 needs sm_80 or later.
+# Bandwidth and dense 16-bit tensor TFLOP/s (fp32 accumulate; GeForce cards run that at half their fp16-accumulate
+# rate) from NVIDIA's datasheets and architecture whitepapers (Turing, Ampere GA102, Ada, A100, H100/H200, L4, L40S).
 CARDS = (
-    Card("rtx4060", "NVIDIA GeForce RTX 4060", 7.63, (8, 9)),  # an 8 GB card
-    Card("rtx3060", "NVIDIA GeForce RTX 3060", 11.76, (8, 6)),  # the 12 GB one
-    Card("t4", "Tesla T4", 14.75, (7, 5)),  # Colab's free card: no bf16
-    Card("rtx4060ti", "NVIDIA GeForce RTX 4060 Ti", 15.6, (8, 9)),  # the 16 GB one
-    Card("a10g", "NVIDIA A10G", 21.99, (8, 6)),
-    Card("l4", "NVIDIA L4", 22.18, (8, 9)),
-    Card("rtx3090", "NVIDIA GeForce RTX 3090", 23.69, (8, 6)),
-    Card("rtx4090", "NVIDIA GeForce RTX 4090", 23.99, (8, 9)),
-    Card("a100-40gb", "NVIDIA A100-SXM4-40GB", 39.39, (8, 0)),
-    Card("l40s", "NVIDIA L40S", 44.53, (8, 9)),
-    Card("h100", "NVIDIA H100 80GB HBM3", 79.11, (9, 0)),
-    Card("a100-80gb", "NVIDIA A100-SXM4-80GB", 79.25, (8, 0)),
-    Card("h200", "NVIDIA H200", 139.8, (9, 0)),
+    Card("rtx4060", "NVIDIA GeForce RTX 4060", 7.63, (8, 9), 272, 30),  # an 8 GB card
+    Card("rtx3060", "NVIDIA GeForce RTX 3060", 11.76, (8, 6), 360, 25),  # the 12 GB one
+    Card("t4", "Tesla T4", 14.75, (7, 5), 320, 65),  # Colab's free card: no bf16; 70 W, so it rarely holds its clocks
+    Card("rtx4060ti", "NVIDIA GeForce RTX 4060 Ti", 15.6, (8, 9), 288, 44),  # the 16 GB one
+    Card("a10g", "NVIDIA A10G", 21.99, (8, 6), 600, 70),  # AWS's A10 variant, clocked below the A10's 125
+    Card("l4", "NVIDIA L4", 22.18, (8, 9), 300, 121),
+    Card("rtx3090", "NVIDIA GeForce RTX 3090", 23.69, (8, 6), 936, 71),
+    Card("rtx4090", "NVIDIA GeForce RTX 4090", 23.99, (8, 9), 1008, 165),
+    Card("a100-40gb", "NVIDIA A100-SXM4-40GB", 39.39, (8, 0), 1555, 312),
+    Card("l40s", "NVIDIA L40S", 44.53, (8, 9), 864, 362),
+    Card("h100", "NVIDIA H100 80GB HBM3", 79.11, (9, 0), 3350, 989),
+    Card("a100-80gb", "NVIDIA A100-SXM4-80GB", 79.25, (8, 0), 2039, 312),
+    Card("h200", "NVIDIA H200", 139.8, (9, 0), 4800, 989),
 )
 
 
@@ -114,6 +118,30 @@ def card(name: str) -> Card:
             return entry
     raise BudgetReasonerError(f"--gpu {name!r} is not in the card table; one of {', '.join(c.key for c in CARDS)}, "
                               f"or pass --vram-gib with what torch.cuda.get_device_properties(0).total_memory / 2**30 says")
+
+
+def nearest_card(total_gib: float, name: str | None = None) -> Card:
+    """The table's card of this name (torch's), else the one whose memory is nearest `total_gib`."""
+    if name:
+        from budget_reasoner.errors import BudgetReasonerError
+
+        try:
+            return card(name)
+        except BudgetReasonerError:  # a card the table does not have: its nearest in memory stands in
+            pass
+    return min(CARDS, key=lambda entry: abs(entry.total_gib - total_gib))
+
+
+# The card each GPU preset is sized for: its plan's figures (preset headers, `plan` without --gpu) are on this card.
+PRESET_CARDS = {"8gb": "rtx4060", "12gb": "rtx3060", "t4-16gb": "t4", "16gb": "rtx4060ti", "24gb": "rtx4090",
+                "48gb": "l40s", "80gb": "a100-80gb"}
+
+
+def card_for_preset(preset) -> Card:
+    """The card a GPU preset is sized for (by its name, else the table's card nearest its vram_gb)."""
+    if preset.name in PRESET_CARDS:
+        return card(PRESET_CARDS[preset.name])
+    return nearest_card(preset.vram_gb)
 
 
 # Unsloth patches transformers, TRL and peft as it is imported (its kernels on CUDA; on the CPU its fallback's

@@ -134,3 +134,255 @@ def prepare_for_kbit_training(model, plan: Plan):
         if param.dtype != dtype:
             param.data = param.data.to(dtype)
     return model
+
+
+# ---- Wall time and cost per stage ----------------------------------------------------------------------
+# A quickstart's stages, what each processes, and how long that takes on a card. Decoding is bound by memory
+# bandwidth (every step reads the weights and the KV cache), training and scoring by FLOPs. The card's spec-sheet
+# figures (hardware.CARDS) are scaled by efficiency factors from published throughput numbers until
+# benchmarks/gpu_checks.sh measures them on a lent GPU; the plan says which of the two it used.
+
+# Fraction of the card's memory bandwidth a decode step achieves. vLLM: Databricks' "LLM Inference Performance
+# Engineering: Best Practices" (2023) measures model bandwidth utilization near 60% at small batches on A100s.
+# transformers `generate` over bitsandbytes NF4: its 4-bit matmuls dequantize every weight at every step, and the
+# Python loop adds a fixed cost per step (next line); single-sequence 4-bit decode of a 7B on a T4 is commonly
+# reported at 15-20 tokens/s, i.e. ~0.25 of the 320 GB/s that reading ~4.5 GB of weights per token would allow.
+DECODE_BANDWIDTH_EFFICIENCY = {"transformers": 0.25, "vllm": 0.60}
+DECODE_STEP_OVERHEAD_S = {"transformers": 0.02, "vllm": 0.0}  # Python + kernel launches per step (~28 layers)
+# Model FLOPs utilization of training. Dense LM pre-training reaches 46% (PaLM, Chowdhery et al. 2022) to 55%
+# (MegaScale, 2024) on A100/H100 clusters; QLoRA on one card pays NF4 dequantization in every matmul, small
+# micro-batches and padding: assumed 25% for transformers + peft + bitsandbytes, and 40% for Unsloth, whose
+# published benchmarks put it ~2x faster on the same recipe. Scoring (a no-grad forward, large batches) 35%.
+TRAINING_MFU = {"bitsandbytes": 0.25, "unsloth": 0.40}
+SCORING_MFU = 0.35
+# What the analytic plan assumes of the data where the preset does not say: a chain's mean length as a fraction
+# of max_new_tokens (a 7B's GSM8K chains run a few hundred tokens), the share of a strong teacher's chains the
+# verifier accepts, prompt tokens (chat template + instruction + a GSM8K-sized question), and TRL's padding of
+# each batch to its longest sequence.
+CHAIN_FILL = 0.4
+TEACHER_PASS_RATE = 0.8
+PROMPT_TOKENS = 120
+BATCH_PADDING = 1.2
+
+
+@dataclass(frozen=True)
+class StageTime:
+    stage: str
+    tokens: int  # generated (decode), trained on, or scored
+    seconds: float
+    how: str  # the model behind the estimate, in one line
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    preset: str
+    machine: str
+    source: str  # where the rates came from: spec sheets x published efficiencies, or a calibration here
+    stages: tuple[StageTime, ...]
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(stage.seconds for stage in self.stages)
+
+    @property
+    def cost_usd(self) -> float | None:
+        costs = [stage.cost_usd for stage in self.stages]
+        return None if all(cost is None for cost in costs) else sum(cost or 0.0 for cost in costs)
+
+    def dominant(self) -> StageTime:
+        return max(self.stages, key=lambda stage: stage.seconds)
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "machine": self.machine, "source": self.source,
+                "stages": [dataclasses.asdict(stage) for stage in self.stages],
+                "total_seconds": self.total_seconds, "cost_usd": self.cost_usd}
+
+    def table(self) -> str:
+        lines = [f"plan for preset {self.preset} on {self.machine} ({self.source})",
+                 f"{'stage':<10}{'tokens':>14}{'time':>11}{'cost $':>9}  how"]
+        for stage in self.stages:
+            cost = "" if stage.cost_usd is None else f"{stage.cost_usd:.2f}"
+            lines.append(f"{stage.stage:<10}{stage.tokens:>14,}{format_duration(stage.seconds):>11}{cost:>9}  {stage.how}")
+        cost = "" if self.cost_usd is None else f"{self.cost_usd:.2f}"
+        lines.append(f"{'total':<10}{sum(s.tokens for s in self.stages):>14,}{format_duration(self.total_seconds):>11}{cost:>9}")
+        return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a quickstart of a preset processes, stage by stage (counts, not times)."""
+
+    train_problems: int
+    chains: int  # teacher samples
+    prompt_tokens: float  # per prompt
+    chain_tokens: float  # mean generated tokens per teacher chain
+    sft_examples: int  # verified chains kept: what the teacher's top-k cache scores
+    eval_models: int  # models quickstart evaluates (base, a local teacher, sft, dpo, distill)
+    eval_problems: int  # per model: the held-out split and every benchmark sample
+    eval_tokens: float  # mean generated tokens per eval answer
+    local_teacher: bool
+
+    def training_sequence(self, preset) -> float:
+        """Tokens of one padded training sequence (prompt + chain, at most max_length)."""
+        return min(preset.model.max_length, (self.prompt_tokens + self.chain_tokens) * BATCH_PADDING)
+
+
+def seed_problem_count(preset) -> int:
+    """Training problems the preset's seed sets add (their training splits, or the sample it asks for)."""
+    from budget_reasoner.problems import load_benchmark, parse_problem_source
+
+    total = sum(len(load_benchmark(*parse_problem_source(spec), train=True)) for spec in preset.generate.seed_sets)
+    return min(total, preset.generate.num_seed_problems) if preset.generate.num_seed_problems else total
+
+
+def benchmark_problem_count(preset) -> int:
+    from budget_reasoner.problems import load_benchmark, parse_problem_source
+
+    sizes = [len(load_benchmark(*parse_problem_source(spec))) for spec in preset.eval.benchmarks]
+    cap = preset.eval.benchmark_problems
+    return sum(min(size, cap) if cap else size for size in sizes)
+
+
+def workload(preset, teacher: str | None = None, prompt_tokens: float = PROMPT_TOKENS, chain_fill: float = CHAIN_FILL,
+             pass_rate: float = TEACHER_PASS_RATE, eval_fill: float = CHAIN_FILL,
+             kept_per_problem: float | None = None) -> Workload:
+    """The counts of a quickstart under `preset`: of a problem's verified chains, the distinct ones are kept, at
+    most MAX_SFT_CHAINS_PER_PROBLEM (`kept_per_problem` where known: a tiny teacher writes one chain per problem)."""
+    from budget_reasoner.generate.pipeline import MAX_SFT_CHAINS_PER_PROBLEM
+
+    gen = preset.generate
+    teacher = teacher or preset.model.teacher
+    local_teacher = not teacher.startswith("openai:")
+    problems = gen.num_train_problems + seed_problem_count(preset)
+    if kept_per_problem is None:
+        kept_per_problem = min(MAX_SFT_CHAINS_PER_PROBLEM, gen.samples_per_problem * pass_rate)
+    return Workload(
+        train_problems=problems, chains=problems * gen.samples_per_problem, prompt_tokens=prompt_tokens,
+        chain_tokens=gen.max_new_tokens * chain_fill, sft_examples=round(problems * kept_per_problem),
+        eval_models=3 + 2 * local_teacher,  # base, sft, dpo; a local teacher adds its own eval and distill
+        eval_problems=gen.num_eval_problems + benchmark_problem_count(preset),
+        eval_tokens=preset.eval.max_new_tokens * eval_fill, local_teacher=local_teacher)
+
+
+def decode_seconds(shape, plan: Plan, card, engine: str, sequences: int, batch: int, max_new_tokens: int,
+                   mean_new_tokens: float, prompt_tokens: float) -> float:
+    """Decode time. transformers' generate runs a batch until its longest sequence stops (planned at
+    max_new_tokens: with several samples per problem one usually runs long); a server with continuous batching
+    (vLLM) keeps `batch` sequences in flight and generates only the tokens asked for. Each step reads the weights
+    and every sequence's KV cache (bandwidth) and does 2 x parameters FLOPs per sequence (compute): the slower."""
+    import math
+
+    weight_bytes = model_bytes(shape, plan)
+    kv_per_token = 2 * shape.layers * shape.kv_dim * DTYPE_BYTES[plan.compute_dtype]
+    if engine == "transformers":
+        steps, in_flight, context = math.ceil(sequences / batch) * max_new_tokens, batch, prompt_tokens + max_new_tokens / 2
+    else:
+        in_flight = batch
+        steps, context = sequences * mean_new_tokens / in_flight, prompt_tokens + mean_new_tokens / 2
+    step_bytes = weight_bytes + in_flight * context * kv_per_token
+    step_flops = 2 * shape.parameters * in_flight
+    step = max(step_bytes / (card.bandwidth_gbs * 1e9 * DECODE_BANDWIDTH_EFFICIENCY[engine]),
+               step_flops / (card.tflops16 * 1e12 * SCORING_MFU)) + DECODE_STEP_OVERHEAD_S[engine]
+    prefill = 2 * shape.parameters * sequences * prompt_tokens / (card.tflops16 * 1e12 * SCORING_MFU)
+    return steps * step + prefill
+
+
+def model_bytes(shape, plan: Plan) -> float:
+    """Bytes a forward reads: NF4 linear weights (4.127 bits with their scales) + 16-bit embeddings/head, or all 16-bit."""
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    if plan.four_bit:
+        return shape.linear_parameters * 4.127 / 8 + shape.embedding_parameters * compute
+    return shape.parameters * compute
+
+
+def training_flops_per_token(shape, preset, stage: str, lora_parameters: int) -> float:
+    """LoRA over a frozen base: forward 2P, backward 2P (input gradients only: the base is frozen), +2P recomputed
+    under gradient checkpointing, and 6 x the LoRA parameters; the LM head is a P of vocab x hidden; attention's
+    score matmuls add 4 x layers x hidden x context per pass. DPO also runs the reference model forward (2P)."""
+    settings = getattr(preset, stage)
+    matmul_parameters = shape.linear_parameters + shape.vocab * shape.hidden
+    passes = 4 + (2 if settings.gradient_checkpointing else 0) + (2 if stage == "dpo" else 0)
+    attention = 4 * shape.layers * shape.hidden * preset.model.max_length / 2 * passes / 2
+    return passes * matmul_parameters + 6 * lora_parameters + attention
+
+
+def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str | None = None,
+                      gpu_hour_price: float | None = None, token_price: tuple[float, float] | None = None,
+                      source: str = "spec sheet x published efficiency factors (not measured on this card)") -> TimePlan:
+    """The analytic plan of a quickstart of `preset` on `card` (hardware.Card): every stage's tokens, seconds, cost."""
+    from budget_reasoner.memory import lora_parameters, read_model_shape
+
+    teacher = teacher or preset.model.teacher
+    work = workload(preset, teacher)
+    student, teacher_shape = read_model_shape(preset.model.student), None
+    device = "cuda"
+    supports_bf16 = card.capability >= (8, 0)
+    gen, ev = preset.generate, preset.eval
+
+    def priced(stage: str, tokens: float, seconds: float, how: str, extra_cost: float = 0.0) -> StageTime:
+        cost = None if gpu_hour_price is None else seconds / 3600 * gpu_hour_price
+        if extra_cost:
+            cost = (cost or 0.0) + extra_cost
+        return StageTime(stage, int(tokens), seconds, how, cost)
+
+    stages = []
+    generated = work.chains * work.chain_tokens
+    if work.local_teacher:
+        teacher_shape = read_model_shape(teacher)
+        generate_plan = plan_for(preset, "generate", device, backend, supports_bf16)
+        seconds = decode_seconds(teacher_shape, generate_plan, card, "transformers", work.chains, gen.batch_size,
+                                 gen.max_new_tokens, work.chain_tokens, work.prompt_tokens)
+        # the same chains from a vLLM server on this card: continuous batching at generate.concurrency in flight
+        served = decode_seconds(teacher_shape, generate_plan, card, "vllm", work.chains, gen.concurrency,
+                                gen.max_new_tokens, work.chain_tokens, work.prompt_tokens)
+        stages.append(priced("generate", generated, seconds, f"{work.chains:,} chains, transformers generate: "
+                             f"batches of {gen.batch_size} run to max_new_tokens, bandwidth-bound; a vLLM server "
+                             f"(README: A teacher on a server) would be ~{seconds / served:.0f}x faster"))
+    else:
+        api_cost = 0.0
+        if token_price:
+            api_cost = (work.chains * work.prompt_tokens * token_price[0] + generated * token_price[1]) / 1e6
+        stages.append(StageTime("generate", int(generated), 0.0, f"{work.chains:,} chains from the server; its time "
+                                f"and card are not this plan's (a vLLM server: see `plan --teacher`)",
+                                api_cost if token_price else None))
+    lora = lora_parameters(student, preset)
+    sequence = work.training_sequence(preset)
+    mfu = TRAINING_MFU.get(backend, TRAINING_MFU["bitsandbytes"])
+    for stage in ("sft", "dpo", "distill"):
+        if stage == "distill" and not work.local_teacher:
+            continue
+        settings = getattr(preset, stage)
+        sequences = settings.max_steps * settings.batch_size * settings.grad_accum * (2 if stage == "dpo" else 1)
+        tokens = sequences * sequence
+        if stage == "distill":
+            cache_tokens = work.sft_examples * sequence
+            flops = 2 * (teacher_shape.linear_parameters + teacher_shape.vocab * teacher_shape.hidden) * cache_tokens
+            stages.append(priced("cache", cache_tokens, flops / (card.tflops16 * 1e12 * SCORING_MFU),
+                                 f"teacher forward over {work.sft_examples:,} verified chains, FLOP-bound"))
+        flops = training_flops_per_token(student, preset, stage, lora) * tokens
+        stages.append(priced(stage, tokens, flops / (card.tflops16 * 1e12 * mfu),
+                             f"{settings.max_steps} steps x {sequences // settings.max_steps} sequences of "
+                             f"~{sequence:.0f} tokens, FLOP-bound at {mfu:.0%} MFU"))
+    eval_sequences = work.eval_problems * (1 + (ev.maj_k if ev.maj_k > 1 else 0))
+    eval_plan = plan_for(preset, "eval", device, backend, supports_bf16)
+
+    def eval_seconds(shape) -> float:
+        return decode_seconds(shape, eval_plan, card, "transformers", eval_sequences, ev.batch_size, ev.max_new_tokens,
+                              work.eval_tokens, work.prompt_tokens)
+
+    # the student's evals (base, sft, dpo, distill), and a local teacher's own, which reads the bigger model
+    seconds = (work.eval_models - work.local_teacher) * eval_seconds(student)
+    seconds += eval_seconds(teacher_shape) if work.local_teacher else 0.0
+    stages.append(priced("eval", work.eval_models * eval_sequences * work.eval_tokens, seconds,
+                         f"{work.eval_models} models x {work.eval_problems:,} problems x {eval_sequences // work.eval_problems} "
+                         f"answers, bandwidth-bound"))
+    return TimePlan(preset.name, f"{card.name} ({card.total_gib:g} GiB)", source, tuple(stages))

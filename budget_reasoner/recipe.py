@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from budget_reasoner.calibrate import over_budget, plan_quickstart
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import evaluate, load_for_inference
@@ -126,12 +127,21 @@ class LocalTeacher:
 
 @writes_folder("out")
 def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
-               gpu_hour_price: float | None = None, overwrite: bool = False) -> dict:
+               gpu_hour_price: float | None = None, overwrite: bool = False, max_hours: float | None = None) -> dict:
     """Run the whole recipe into `out` and write the report. Returns the report as a dict.
 
     Each training stage records its wall time, device, tokens and peak memory; with `gpu_hour_price`
-    (dollars per GPU-hour) the report prices every stage and the whole run."""
+    (dollars per GPU-hour) the report prices every stage and the whole run.
+
+    The time plan (calibrate.py) is said first: on a GPU preset always; on the CPU when this machine's calibration
+    is cached or `max_hours` asks for one. A plan over `max_hours` stops here, before anything loads or is written."""
     out = Path(out)
+    plan = plan_quickstart(preset, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
+    if plan is not None:
+        say(plan.table())
+        replan = functools.partial(plan_quickstart, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
+        if max_hours is not None and (verdict := over_budget(plan, preset, max_hours, replan)):
+            raise BudgetReasonerError(verdict)
     claim_run_folder(out, preset, domain, overwrite)
     quiet_libraries()
     if preset.threads:

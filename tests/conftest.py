@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 os.environ.setdefault("BUDGET_REASONER_QUIET", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors (read when a kernel is defined)
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the planner caches its CPU calibration under ~/.cache: tests keep theirs (and find none of the user's)
+os.environ.setdefault("BUDGET_REASONER_CACHE", tempfile.mkdtemp(prefix="budget-reasoner-test-cache-"))
 torch.set_num_threads(2)
 
 PROJECT_DATA = Path(__file__).resolve().parents[1] / "data"  # shipped with the project (data/README.md)

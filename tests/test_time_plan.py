@@ -1,0 +1,104 @@
+"""The time-and-money planner: the analytic plan on a card (checked by hand on one case), the preset headers it
+keeps true, the over-budget line of quickstart --max-hours, and a real calibration on this CPU."""
+
+import json
+import re
+import time
+
+import pytest
+
+from budget_reasoner.calibrate import cpu_rates, over_budget, plan_quickstart, plan_time_on_cpu
+from budget_reasoner.config import available_presets, load_preset, resolve_preset_path
+from budget_reasoner.hardware import PRESET_CARDS, card
+from budget_reasoner.plan import plan_time_on_card
+from tests.conftest import PROJECT_DATA, TINY, invoke, one_error_line
+
+
+def test_generate_time_by_hand_on_a_t4():
+    """Qwen2.5-7B, NF4, fp16 on a T4 (320 GB/s, 65 TFLOP/s): 2 batches x 10 steps, from its config.json by hand."""
+    preset = load_preset("t4-16gb", {"generate.num_train_problems": 10, "generate.num_seed_problems": 0,
+                                     "generate.seed_sets": [], "generate.samples_per_problem": 4,
+                                     "generate.batch_size": 20, "generate.max_new_tokens": 10})
+    config = json.loads((PROJECT_DATA / "model_configs" / "Qwen2.5-7B-Instruct.json").read_text())
+    h, i, layers, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    embeddings = 2 * v * h  # untied: embed_tokens + lm_head, fp16
+    weight_bytes = linear * 4.127 / 8 + embeddings * 2
+    kv_bytes = 20 * (120 + 10 / 2) * 2 * layers * kv * 2  # 20 sequences at a mean context of prompt + 5
+    step = (weight_bytes + kv_bytes) / (320e9 * 0.25) + 0.02  # bandwidth-bound: 2 x params x 20 FLOPs is far less
+    prefill = 2 * (linear + embeddings) * 40 * 120 / (65e12 * 0.35)
+    plan = plan_time_on_card(preset, card("t4"))
+    generate = next(stage for stage in plan.stages if stage.stage == "generate")
+    assert generate.seconds == pytest.approx(2 * 10 * step + prefill, rel=1e-9)
+    assert generate.tokens == int(40 * 10 * 0.4)
+    assert "vLLM server" in generate.how
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_CARDS))
+def test_every_gpu_preset_header_states_its_planned_time_within_its_budget(name):
+    header = resolve_preset_path(name).read_text()
+    key, stated, budget = re.search(r"# Planned time on (\S+) \(budget-reasoner plan --preset \S+\): ([\d.]+) h, "
+                                    r"within a (\d+) h budget", header).groups()
+    assert key == PRESET_CARDS[name]
+    hours = plan_time_on_card(load_preset(name), card(key)).total_seconds / 3600
+    assert abs(hours - float(stated)) <= 0.05, f"{name}: header says {stated} h, the planner {hours:.2f} h"
+    assert hours <= float(budget)
+
+
+def test_every_gpu_preset_has_a_card():
+    assert sorted(PRESET_CARDS) == sorted(name for name in available_presets() if load_preset(name).vram_gb > 0)
+
+
+def test_plan_json_and_a_server_teacher_priced_by_its_tokens():
+    result = invoke("plan", "--preset", "24gb", "--teacher", "openai:Qwen/Qwen2.5-72B-Instruct",
+                    "--token-price", "0.5,2", "--gpu-hour-price", "1.0", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output[result.output.index("{"):])
+    assert [stage["stage"] for stage in plan["stages"]] == ["generate", "sft", "dpo", "eval"]  # no distill from a server
+    assert plan["total_seconds"] == pytest.approx(sum(stage["seconds"] for stage in plan["stages"]))
+    generate = plan["stages"][0]
+    preset = load_preset("24gb")
+    chains = (preset.generate.num_train_problems + preset.generate.num_seed_problems) * preset.generate.samples_per_problem
+    expected = (chains * 120 * 0.5 + generate["tokens"] * 2.0) / 1e6
+    assert generate["cost_usd"] == pytest.approx(expected)
+    sft = plan["stages"][1]
+    assert sft["cost_usd"] == pytest.approx(sft["seconds"] / 3600 * 1.0)
+
+
+def test_over_budget_names_the_dominant_stage_and_settings_that_fit():
+    preset = load_preset("t4-16gb")
+    plan = plan_quickstart(preset)
+    assert over_budget(plan, preset, plan.total_seconds / 3600 + 1, plan_quickstart) is None
+    line = over_budget(plan, preset, 6, plan_quickstart)
+    assert f"{plan.dominant().stage} dominates" in line and "6" in line
+    settings = dict(re.findall(r"--set (\S+)=(\d+)", line))
+    assert settings, line
+    fixed = load_preset("t4-16gb", {key: int(value) for key, value in settings.items()})
+    assert plan_quickstart(fixed).total_seconds <= 6 * 3600
+    assert "alone cannot" in over_budget(plan, preset, 0.5, plan_quickstart)
+
+
+def test_unknown_card_is_one_line():
+    line = one_error_line(invoke("plan", "--preset", "t4-16gb", "--gpu", "voodoo3"))
+    assert "voodoo3" in line and "t4" in line
+
+
+def test_cpu_calibration_measures_this_machine_and_gates_quickstart(tmp_path):
+    """A real calibration (toy shapes): every rate measured, cached and reused; quickstart --max-hours under the
+    plan stops before its folder exists."""
+    preset = load_preset("cpu-tiny", dict(TINY))
+    rates = cpu_rates(preset)
+    assert all(value > 0 for value in (rates.teacher_step, rates.student_step, rates.check, rates.generate_batch,
+                                       rates.cache_row, *rates.step.values(), *rates.eval_batch.values()))
+    started = time.perf_counter()
+    assert cpu_rates(load_preset("cpu-tiny", {**TINY, "sft.max_steps": 99})) == rates  # counts do not recalibrate
+    assert time.perf_counter() - started < 5
+    plan = plan_time_on_cpu(preset, rates)
+    sft = next(stage for stage in plan.stages if stage.stage == "sft")
+    assert sft.seconds == pytest.approx(rates.fixed["sft"] + TINY["sft.max_steps"] * rates.step["sft"])
+    out = tmp_path / "run"
+    line = one_error_line(invoke("quickstart", "--preset", "cpu-tiny", *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")],
+                                 "--out", out, "--max-hours", "0.00001"))
+    assert "over --max-hours" in line and "dominates" in line
+    assert not out.exists()
