@@ -385,6 +385,46 @@ def presets_show(name: str = typer.Argument(..., help="Preset name or .yaml file
     typer.echo(yaml.safe_dump(_preset(name, None, runs_models=False).to_dict(), sort_keys=False))
 
 
+@app.command("export")
+@friendly_errors
+def export_command(
+    source: str = typer.Argument(..., help="A run folder (pick its stage with --stage) or a stage folder (sft, dpo, distill)."),
+    # not named `out`: friendly_errors would lock (create) it, and an export is renamed into place whole
+    out_dir: Path = typer.Option(..., "--out", help="A new (or empty) folder; it holds the whole export or nothing."),
+    stage: Optional[str] = typer.Option(None, help="Of a run folder: sft, dpo or distill (default: the last it finished)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Export the LoRA adapter alone, not merged."),
+    dtype: str = typer.Option("auto", help="auto (what the stage computed in: bf16, fp16 on a T4, fp32 on the CPU), "
+                                           "bf16, fp16 or fp32."),
+    merge_into: str = typer.Option("auto", help="The base weights the adapter is added to: auto (what it trained "
+                                                "against), dequantized (NF4, 4-bit stages) or original (16-bit)."),
+    gguf: Optional[str] = typer.Option(None, help="Also a GGUF and an Ollama Modelfile: q4_k_m, q8_0 or f16 "
+                                                  "(needs llama.cpp: LLAMA_CPP_DIR)."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Then upload to this hub repo (token: HF_TOKEN)."),
+    gate_problems: int = typer.Option(32, min=0, help="Held-out problems the export gate compares on (0: skip it)."),
+    gate_tolerance: Optional[float] = typer.Option(None, min=0, help="Largest mean token log-likelihood difference "
+                                                                     "the gate accepts, nats/token (default: by dtype)."),
+    problems: Optional[Path] = typer.Option(None, help="Problems JSONL for the gate when the stage has no run around it."),
+    preset: Optional[str] = typer.Option(None, help="Preset to load the base with (default: the run's own)."),
+):
+    """Merge a stage's adapter into a standard checkpoint, check it against the stage (export gate), write a model card."""
+    from budget_reasoner.progress import quiet_libraries
+
+    quiet_libraries()
+    from budget_reasoner.export import ExportOptions, export_model
+
+    record = export_model(source, out_dir, ExportOptions(
+        stage=stage, dtype=dtype, merge_into=merge_into, adapter_only=adapter_only, gguf=gguf, push_to_hub=push_to_hub,
+        gate_problems=gate_problems, gate_tolerance=gate_tolerance, problems=problems, preset=preset))
+    from budget_reasoner.export.gate import GateResult
+
+    size = f"{record['bytes'] / 2**20:,.1f} MiB, {record['seconds']:.0f} s"
+    if record.get("gate"):
+        typer.echo(f"{GateResult(**record['gate']).line()} -> {out_dir} ({size})")
+    else:
+        what = "adapter" if adapter_only else "merged model, gate skipped"
+        typer.echo(f"exported the {record['stage']} {what} -> {out_dir} ({size})")
+
+
 def main():
     # transformers' chatter is quieted in _preset, once Unsloth (when it is the backend) has been imported first
     app()

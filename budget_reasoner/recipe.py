@@ -6,6 +6,7 @@
     OUT/sft/ dpo/ distill/  one LoRA adapter over the student base each (distill/cache: teacher top-k)
     OUT/eval/NAME/          held-out accuracy of base, teacher, sft, dpo, distill
     OUT/report.{md,json,png}
+    OUT/MODEL_CARD.md       the model card (model_card.py): results per stage, how to prompt it, licences
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import (COMPLETE, LOCK, claim_stage, digest, mark_complete, read_json, settings_of, write_json,
                                 write_jsonl, writes_folder)
+from budget_reasoner.model_card import write_run_card
 from budget_reasoner.problems import PROBLEM_COLUMNS, load_benchmark, parse_problem_source
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, write_report
@@ -196,6 +198,7 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         results["gpu_hour_price"] = gpu_hour_price
         results["cost_usd"] = results["seconds"] / 3600 * gpu_hour_price
     write_report(out, results)
+    write_run_card(out, preset)  # MODEL_CARD.md: the run's model, its results, how to prompt it, its licences
     if report_to == "wandb":
         log_to_wandb(results)
     return results
