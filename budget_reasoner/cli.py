@@ -425,6 +425,28 @@ def export_command(
         typer.echo(f"exported the {record['stage']} {what} -> {out_dir} ({size})")
 
 
+@app.command("chat")
+@friendly_errors
+def chat_command(
+    model: str = typer.Argument(..., help="A run folder, a stage folder, an export folder, or a model path or hub id."),
+    stage: Optional[str] = typer.Option(None, help="Of a run folder: sft, dpo or distill (default: the last it finished)."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Show only the reply after the thinking."),
+    think_budget: int = typer.Option(0, min=0, help="Budget forcing: cap the thinking at this many tokens (0: off)."),
+    once: Optional[str] = typer.Option(None, help="Answer this one question and exit (for scripts)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Longest reply (default: the eval setting)."),
+    preset: Optional[str] = typer.Option(None, help="Preset to load the model with (default: the run's or export's)."),
+):
+    """Chat with the reasoner in the terminal: the reply streams, thinking dimmed, then the extracted answer."""
+    from budget_reasoner.progress import quiet_libraries
+
+    quiet_libraries()
+    from budget_reasoner.chat import ChatOptions, run_chat
+
+    code = run_chat(model, ChatOptions(stage=stage, hide_thinking=hide_thinking, think_budget=think_budget,
+                                       max_new_tokens=max_new_tokens, preset=preset), once)
+    raise typer.Exit(code)
+
+
 def main():
     # transformers' chatter is quieted in _preset, once Unsloth (when it is the backend) has been imported first
     app()
