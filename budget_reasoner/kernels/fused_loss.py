@@ -40,13 +40,14 @@ from budget_reasoner.errors import BudgetReasonerError
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 CHUNK_LOGITS_BYTES = 2**27  # fp32 logits per chunk: 128 MiB is 128 tokens at V=151,936 (rounded down), 2,048 at V=16k
-# On the CPU a 128-token chunk starves the matmuls (K=128 in the weight-gradient GEMM, and each chunk reads and writes
-# the whole V x H weight gradient): 256 tokens at V=151,936 ran the three GEMMs ~25% faster, 512 no faster again.
-CPU_CHUNK_LOGITS_BYTES = 2**28
+# On the CPU a small chunk starves the matmuls (K = chunk tokens in the weight-gradient product, and every chunk
+# streams the whole V x H weight twice and its gradient once): with the vocab-major layout below, 512 tokens at
+# V=151,936 ran a 4,096-token step 12% faster than 256 (10.2 s vs 11.6 s, 2 cores), for 148 MiB more.
+CPU_CHUNK_LOGITS_BYTES = 2**29
 # With BUDGET_REASONER_COMPILE=1 the softmax-gradient of a chunk is compiled (torch.compile: three passes over the
 # chunk instead of five) on the CPU, for chunks at least this large (an LM head's; never test-sized ones). Off by
-# default: on the 2-core AMX CPU the three GEMMs are ~90% of a step (213 GFLOP/s of ~250), so it can save a few
-# percent at most, and compiling costs ~30-60 s per process.
+# default: the three matmuls are ~90% of a step, and compiling it measured no faster (10.4 s vs 10.2 s above)
+# while costing ~5-30 s per process.
 COMPILE_MIN_ELEMENTS = 2**24
 
 
@@ -67,8 +68,9 @@ def _softmax_scaled_(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_scaled_eager_(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """The same in eager PyTorch without a second vocab-sized buffer: five passes over the chunk."""
-    row_max = logits.max(dim=-1, keepdim=True).values
+    """The same in eager PyTorch without a second vocab-sized buffer: five passes over the chunk. (amax, not
+    max(...).values: on the CPU's vocab-major chunk, max with its indices is 10x slower.)"""
+    row_max = logits.amax(dim=-1, keepdim=True)
     probs = logits.sub_(row_max).exp_()
     sum_exp = probs.sum(dim=-1, keepdim=True)
     probs.mul_(coef / sum_exp)
@@ -189,17 +191,31 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         tokens = hidden_kept.shape[0]
         # One logits buffer for every chunk: a fresh tokens x V buffer per chunk is, on the CPU, a fresh mmap whose
         # pages are faulted in (and zeroed) anew each time, which costs more than the softmax does
-        logits_buffer = torch.empty((min(chunk_tokens, tokens), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        vocab = weight.shape[0]
+        logits_buffer = torch.empty(min(chunk_tokens, tokens) * vocab, dtype=torch.float32, device=hidden.device)
+        # On the CPU the logits are laid out vocab-major (V x chunk, used through its transpose): BLAS then streams
+        # the big weight once as a plain (NN) product in the forward and the weight-gradient product, where the
+        # token-major `hidden @ weight.T` re-packs the whole weight every chunk; measured ~15% off a step at
+        # 4,096 x 896 x 151,936. The Triton kernel wants token-major rows, as does a GPU.
+        vocab_major = backend != "triton" and hidden.device.type == "cpu"
         # the matmuls below are placed by hand (compute dtype in, fp32 out); autocast must not re-cast them
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, tokens, chunk_tokens):
                 stop = min(start + chunk_tokens, tokens)
                 hidden_chunk = hidden_kept[start:stop].to(compute)
-                logits = logits_buffer[: stop - start]
-                if compute == torch.float32:
-                    torch.mm(hidden_chunk, weight_c.t(), out=logits)
+                if vocab_major:
+                    logits_t = logits_buffer[: vocab * (stop - start)].view(vocab, stop - start)
+                    if compute == torch.float32:
+                        torch.mm(weight_c, hidden_chunk.t(), out=logits_t)
+                    else:
+                        logits_t.copy_(weight_c @ hidden_chunk.t())
+                    logits = logits_t.t()  # tokens x V, as the loss reads it
                 else:
-                    logits.copy_(hidden_chunk @ weight_c.t())
+                    logits = logits_buffer[: vocab * (stop - start)].view(stop - start, vocab)
+                    if compute == torch.float32:
+                        torch.mm(hidden_chunk, weight_c.t(), out=logits)
+                    else:
+                        logits.copy_(hidden_chunk @ weight_c.t())
                 chunk_ids = None if topk_ids is None else topk_ids[start:stop]
                 chunk_lps = None if topk_logprobs is None else topk_logprobs[start:stop]
                 # gradients come back unnormalized (entries in [-1, 1]): 1/normalizer is applied in fp32 below
