@@ -42,7 +42,7 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         out = kwargs.get("out")
         try:
-            with run_lock(out) if out is not None else contextlib.nullcontext():
+            with run_lock(out) if out is not None else contextlib.nullcontext(), _rank_zero_prints():
                 return command(*args, **kwargs)
         except BudgetReasonerError as error:
             typer.echo(f"error: {error}", err=True)
@@ -59,6 +59,18 @@ def friendly_errors(command):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _rank_zero_prints():
+    """Under torchrun / accelerate launch, only rank 0's results reach stdout (one line per run, not per rank);
+    errors (stderr) are every rank's own."""
+    import os
+
+    from budget_reasoner.distributed import is_main_process
+
+    if is_main_process():
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115 - closed with the process
 
 
 def disk_is_full(error: Exception, out: Path | None) -> bool:

@@ -268,6 +268,18 @@ def claim_stage(folder: Path, stage: str, inputs: dict, settings: dict, overwrit
                 record: str = "stage.json", keep: Iterable[str | Path] = ()) -> dict | None:
     """Claim `folder` for a stage made from `inputs` (role -> source: path or name) and `settings`.
 
+    Under a multi-process launch only rank 0 claims (verifies, deletes, writes the fingerprint); every rank gets
+    its answer, or its refusal (distributed.main_decides).
+    See `_claim_stage` for what a claim does."""
+    from budget_reasoner.distributed import main_decides
+
+    return main_decides(_claim_stage, folder, stage, inputs, settings, overwrite, record, keep)
+
+
+def _claim_stage(folder: Path, stage: str, inputs: dict, settings: dict, overwrite: bool = False,
+                 record: str = "stage.json", keep: Iterable[str | Path] = ()) -> dict | None:
+    """Claim `folder` for a stage made from `inputs` (role -> source: path or name) and `settings`.
+
     Returns the stage's record when the folder already completed with this fingerprint (skip it), None when the
     stage should run (fresh, or resuming what the same fingerprint started). A folder made by another fingerprint,
     or holding files without one, is refused in one line unless `overwrite`: then its contents are deleted (not
@@ -536,8 +548,17 @@ def output_folder(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def run_lock(folder: Path):
-    """Hold `folder` as its only writer for the block (nested holds in the same thread are free)."""
+    """Hold `folder` as its only writer for the block (nested holds in the same thread are free).
+
+    Under a multi-process launch (torchrun, accelerate launch) rank 0 is the run's one writer and holds the
+    lock for all of its ranks; the others write nothing, so they take none (taking it too would refuse them:
+    rank 0 is a live writer). A refusal on rank 0 ends it with an error, and the launcher stops the others."""
+    from budget_reasoner.distributed import is_main_process
+
     folder = Path(folder)
+    if not is_main_process():
+        yield folder
+        return
     key, held = folder.resolve(), _held()
     if key in held:
         held[key] += 1

@@ -8,12 +8,15 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from budget_reasoner.distributed import is_main_process
+
 console = Console(stderr=True)
 
 
 def progress_bar() -> Progress:
     # Bars redraw in a terminal; under CI or a pipe they would flood the log, so they stay quiet there.
-    quiet = not sys.stderr.isatty() or bool(os.environ.get("BUDGET_REASONER_QUIET"))
+    # Under torchrun / accelerate launch only rank 0 draws (RANK is set by the launcher).
+    quiet = not sys.stderr.isatty() or bool(os.environ.get("BUDGET_REASONER_QUIET")) or not is_main_process()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -26,6 +29,8 @@ def progress_bar() -> Progress:
 
 
 def say(message: str) -> None:
+    if not is_main_process():  # one log per run, not one per rank
+        return
     console.print(message, highlight=False, soft_wrap=True)  # a log line: never cut a path at the console's width
 
 

@@ -28,6 +28,12 @@ _ORIGINAL = "_budget_reasoner_original_forward"
 
 
 def _unwrap(model):
+    """The causal LM inside any wrappers: DDP's (and accelerate's FSDP/DeepSpeed engines', all holding it as
+    `.module`) under a multi-process launch, then PEFT's. Calls still go through the outer wrapper, whose
+    forward is what synchronizes gradients; only the attributes are read from the inner model."""
+    while not hasattr(model, "get_base_model") and not hasattr(model, "base_model_prefix") \
+            and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from budget_reasoner import distributed
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import PeakMemory
 from budget_reasoner.io import add_session, mark_complete, read_json, write_json
@@ -42,8 +43,14 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def training_arguments(config_class, stage, preset, hardware, output_dir: Path, report_to: str, **extra):
-    """A TRL/transformers config from a preset's stage section, with the CPU traps handled in one place."""
+    """A TRL/transformers config from a preset's stage section, with the CPU traps handled in one place.
+
+    Under torchrun / accelerate launch every rank joins the process group here (the CPU's gloo, or the GPUs')
+    and refuses in one line if the ranks loaded different presets; batch_size is per device, so an optimizer
+    step sees batch_size x processes x grad_accum examples (train_with_resume says so)."""
     on_cpu = hardware.device == "cpu"
+    distributed.join(cpu=on_cpu)
+    distributed.check_same_preset(preset)
     return config_class(
         output_dir=str(output_dir / "checkpoints"),
         max_steps=stage.max_steps,
@@ -66,6 +73,9 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own rich bar (ProgressCallback) reports instead
         include_num_input_tokens_seen=True,  # the report's cost accounting counts tokens
+        # under DDP: every trainable weight (LoRA, or all of a full fine-tune) gets a gradient each step, so the
+        # search for unused ones (the Trainer's default without checkpointing) is an extra graph walk for nothing
+        ddp_find_unused_parameters=False,
         **extra,
     )
 
@@ -112,7 +122,7 @@ def train_with_resume(trainer, output_dir: Path) -> dict:
     (SIGKILL, the OOM killer) has no chance to write its entry and is missing from the sums."""
     checkpoints = output_dir / "checkpoints"
     had_checkpoints = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
-    last = last_complete_checkpoint(checkpoints)
+    last = distributed.main_decides(last_complete_checkpoint, checkpoints)  # rank 0 sets aside; all resume alike
     if last:
         say(f"resuming from {last}")
     elif had_checkpoints:
@@ -123,14 +133,88 @@ def train_with_resume(trainer, output_dir: Path) -> dict:
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the rich bar shows the loss instead
     trainer.add_callback(RichProgressCallback())
     adapters_in_fp32(trainer.model)  # before train() builds the optimizer over them
+    if trace := os.environ.get(TRACE_BATCHES):
+        trainer.data_collator = traced_collator(trainer.data_collator, Path(trace) / f"rank-{distributed.rank()}.jsonl")
+    batch = effective_batch(trainer.args)
+    say(f"effective batch {batch['per_device']} per device x {batch['world_size']} process(es) x "
+        f"{batch['grad_accum']} accumulation = {batch['examples_per_step']} examples per optimizer step")
     started, peak = time.time(), PeakMemory(trainer.args.device.type)
+    per_rank, seconds = None, None
     try:
         with peak:
             trainer.train(resume_from_checkpoint=last)
+        seconds = time.time() - started
+        # every rank's own peak and wall time (on the CPU each rank is its own process: RSS is per rank);
+        # only after a finished train(): a rank that failed is not there to answer a collective
+        per_rank = distributed.gather({"peak_memory_bytes": peak.bytes, "seconds": round(seconds, 3)})
     finally:
-        compute = add_session(output_dir, time.time() - started, peak.bytes, resumed_from_step=_step_of(last),
-                              reached_step=int(trainer.state.global_step))
-    return {"history": trainer.state.log_history, "tokens": int(trainer.state.num_input_tokens_seen), **compute}
+        compute = {}
+        if distributed.is_main_process():  # one sessions.json, written by the run's one writer
+            extra = {"per_rank": per_rank} if per_rank and len(per_rank) > 1 else {}
+            compute = add_session(output_dir, time.time() - started if seconds is None else seconds, peak.bytes,
+                                  resumed_from_step=_step_of(last), reached_step=int(trainer.state.global_step),
+                                  world_size=batch["world_size"], **extra)
+    compute = distributed.main_decides(lambda: compute)  # the other ranks return the same record as rank 0
+    return {"history": trainer.state.log_history, "tokens": int(trainer.state.num_input_tokens_seen),
+            "world_size": batch["world_size"], "effective_batch": batch["examples_per_step"], **compute}
+
+
+# BUDGET_REASONER_TRACE_BATCHES=FOLDER: every rank appends, per micro-batch it trains on, one line listing a digest
+# of each example's tokens to FOLDER/rank-R.jsonl. For checking how a launch shards the data (tests, benchmarks).
+TRACE_BATCHES = "BUDGET_REASONER_TRACE_BATCHES"
+
+
+def traced_collator(collate, path: Path):
+    """`collate`, also writing the digests of the examples of each batch it builds to `path` (one line a batch)."""
+    import hashlib
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def collate_and_trace(examples):
+        batch = collate(examples)
+        if "input_ids" not in batch:  # DPO's batches hold prompt and completion ids apart: not traced
+            return batch
+        mask = batch.get("attention_mask")
+        rows = []
+        for index, ids in enumerate(batch["input_ids"]):
+            kept = ids[mask[index].bool()] if mask is not None else ids
+            rows.append(hashlib.sha256(kept.cpu().numpy().tobytes()).hexdigest()[:12])
+        with path.open("a") as handle:
+            handle.write(json.dumps(rows) + "\n")
+        return batch
+
+    return collate_and_trace
+
+
+def effective_batch(args) -> dict:
+    """Examples per optimizer step: the per-device batch, on every data-parallel process, over the accumulation."""
+    world_size = max(1, int(args.world_size))
+    return {"per_device": args.per_device_train_batch_size, "world_size": world_size,
+            "grad_accum": args.gradient_accumulation_steps,
+            "examples_per_step": args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps}
+
+
+def tokens_across_ranks(trainer, count, device):
+    """The accumulated batch's label tokens summed over every data-parallel rank, as transformers' Trainer
+    counts them for its own losses (`average_tokens_across_devices`, on by default): each rank's loss then
+    divides by the global count, so the gradient is the same whatever the split of tokens across ranks."""
+    count = torch.as_tensor(count, device=device)
+    if trainer.args.average_tokens_across_devices and trainer.accelerator.num_processes > 1:
+        count = trainer.accelerator.gather(count.reshape(1)).sum()
+    return count
+
+
+def undo_data_parallel_mean(trainer, loss, num_items_in_batch):
+    """A loss divided by the global token count, scaled back up by the number of ranks.
+
+    DDP averages gradients over ranks, so the sum of per-rank losses each divided by the global token count
+    would come out `num_processes` times too small. transformers' Trainer.compute_loss multiplies by the
+    ranks for the same reason (5.24: `loss *= num_processes` when average_tokens_across_devices); a
+    compute_loss of our own (the fused losses) replaces that one, so it must do the same."""
+    if num_items_in_batch is not None and trainer.args.average_tokens_across_devices:
+        return loss * trainer.accelerator.num_processes
+    return loss
 
 
 def adapters_in_fp32(model) -> int:
@@ -183,17 +267,26 @@ def stage_info(stage: str, preset, hardware, **counts) -> dict:
 
 
 def save_stage(output_dir: Path, model, tokenizer, base: str, run: dict, info: dict) -> dict:
-    """Write the adapter, tokenizer and stage record, then drop the checkpoints and mark the stage complete."""
+    """Write the adapter, tokenizer and stage record, then drop the checkpoints and mark the stage complete.
+
+    Under a multi-process launch rank 0 writes (every rank holds the same, all-reduced adapter) and the others
+    wait for it, so none reports the stage done before it is on disk."""
+    record = {"base": recorded_base(base, output_dir), "adapter": "adapter", **run, **info}
+    if distributed.is_main_process():
+        _write_stage(output_dir, model, tokenizer, record)
+    distributed.barrier()
+    return record
+
+
+def _write_stage(output_dir: Path, model, tokenizer, record: dict) -> None:
     if hasattr(model, "peft_config"):  # DPO holds a frozen "ref" copy beside "default"; only "default" is ours
         model.save_pretrained(output_dir / "adapter", selected_adapters=["default"])
     else:
         model.save_pretrained(output_dir / "adapter")
     tokenizer.save_pretrained(output_dir / "adapter")
-    record = {"base": recorded_base(base, output_dir), "adapter": "adapter", **run, **info}
     write_json(output_dir / "stage.json", record)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     mark_complete(output_dir, {key: value for key, value in record.items() if key != "history"})
-    return record
 
 
 def load_for_training(stage_or_model: str | Path, preset, hardware):

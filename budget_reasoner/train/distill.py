@@ -29,7 +29,8 @@ from budget_reasoner.models import describe_precision, load_model, load_tokenize
 from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.stages import tokenizer_of
 from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, pad_batch, save_stage,
-                                          stage_info, train_with_resume, training_arguments, with_lora)
+                                          stage_info, tokens_across_ranks, train_with_resume, training_arguments,
+                                          undo_data_parallel_mean, with_lora)
 from budget_reasoner.train.sft import SFT_COLUMNS, SFT_KINDS
 
 CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
@@ -153,10 +154,12 @@ def kd_trainer_class():
             # through model(...), so the loss runs inside the autocast accelerate wraps around the forward;
             # normalized by the label tokens of the whole accumulated batch, not this micro-batch
             loss = fused_kd_loss(model, inputs, inputs["kd_labels"], self.kd_alpha, self.kd_temperature, num_items_in_batch)
+            loss = undo_data_parallel_mean(self, loss, num_items_in_batch)  # the count is global under DDP
             return (loss, None) if return_outputs else loss
 
         def _get_num_items_in_batch(self, batch_samples, device):
-            return sum(int((batch["kd_labels"] != -100).sum()) for batch in batch_samples)
+            local = sum(int((batch["kd_labels"] != -100).sum()) for batch in batch_samples)
+            return tokens_across_ranks(self, local, device)  # every rank divides by the same, global count
 
     return KDTrainer
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from budget_reasoner.config import Preset
+from budget_reasoner.distributed import check_enough_examples
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
@@ -63,7 +64,7 @@ def dpo(pairs_file: Path, sft_stage: Path, out: Path, preset: Preset, hardware: 
 
     `out` resumes only what the same pairs, sft stage and settings started (io.claim_stage); `overwrite` starts over."""
     out = Path(out)
-    read_pairs(pairs_file)  # bad rows are one line before anything is claimed
+    check_enough_examples(len(read_pairs(pairs_file)), f"pairs in {pairs_file}")  # one line before anything is claimed
     settings = settings_of(preset, *MODEL_SETTINGS, "lora", "dpo")
     if (record := claim_stage(out, "dpo", {"pairs": pairs_file, "sft": sft_stage}, settings, overwrite)) is not None:
         return record

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from budget_reasoner.config import Preset
+from budget_reasoner.distributed import check_enough_examples
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
 from budget_reasoner.models import describe_precision
 from budget_reasoner.progress import say
 from budget_reasoner.stages import tokenizer_of
 from budget_reasoner.train.common import (check_prompt_lengths, load_for_training, save_stage, stage_info,
-                                          train_with_resume, training_arguments, with_lora)
+                                          train_with_resume, training_arguments, undo_data_parallel_mean, with_lora)
 
 SFT_COLUMNS = ("prompt", "completion")
 SFT_KINDS = {"prompt": "messages", "completion": "messages"}
@@ -34,6 +35,7 @@ def fused_sft_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = fused_causal_lm_loss(model, inputs, num_items_in_batch)
+            loss = undo_data_parallel_mean(self, loss, num_items_in_batch)  # num_items_in_batch is global under DDP
             return (loss, None) if return_outputs else loss
 
     return FusedLossSFTTrainer
@@ -50,6 +52,7 @@ def sft(sft_file: Path, student: str | Path, out: Path, preset: Preset, hardware
 
     out = Path(out)
     rows = read_jsonl(sft_file, SFT_COLUMNS, SFT_KINDS)  # before anything is claimed or loaded
+    check_enough_examples(len(rows), f"chains in {sft_file}")
     settings = settings_of(preset, *MODEL_SETTINGS, "lora", "sft")
     if (record := claim_stage(out, "sft", {"data": sft_file, "student": student}, settings, overwrite)) is not None:
         return record
