@@ -242,6 +242,29 @@ def dpo_command(
     typer.echo(f"dpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
+@app.command("grpo")
+@friendly_errors
+def grpo_command(
+    start: str = typer.Option(..., "--from", help="A stage folder (runs/quick/sft: RL after SFT) or a base model (R1-Zero)."),
+    problems: Path = typer.Option(..., help="Training problems (JSONL: id, domain, question, answer, source), "
+                                            "e.g. runs/quick/data/problems/train.jsonl."),
+    out: Path = typer.Option(Path("runs/grpo"), help="Output folder for the GRPO adapter."),
+    domain: str = typer.Option("math", help="Whose verifier pays the rewards."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    report_to: str = typer.Option("none", help=REPORT_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+):
+    """GRPO with verifiable rewards: the student samples chains, the verifier pays the right ones."""
+    settings = _preset(preset, set_)
+    from budget_reasoner.train.grpo import grpo
+
+    record = grpo(problems, start, out, settings, domain, report_to=_report_to(report_to), overwrite=overwrite)
+    rewards = [entry["reward"] for entry in record["history"] if "reward" in entry]
+    trend = f"; mean reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else ""
+    typer.echo(f"grpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s{trend})")
+
+
 @app.command("distill")
 @friendly_errors
 def distill_command(

@@ -121,6 +121,25 @@ class DistillConfig(TrainConfig):
 
 
 @dataclass
+class GrpoConfig(TrainConfig):
+    """RL with verifiable rewards (TRL's GRPOTrainer): `batch_size` completions per device step, `num_generations`
+    of them per problem (a group), the advantage each one's reward against its group's."""
+
+    learning_rate: float = 1e-5
+    max_steps: int = 100
+    num_generations: int = 4
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    beta: float = 0.0  # KL to the start model; 0 needs no reference model (DAPO, Dr. GRPO and most R1 reproductions)
+    loss_type: str = "dr_grpo"  # TRL's: grpo, dr_grpo (no length or std bias), dapo, bnpo
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28  # DAPO's clip-higher: room for unlikely tokens to grow
+    mask_truncated_completions: bool = True  # a chain cut at the length limit teaches nothing either way
+    format_weight: float = 0.1  # small beside correctness (1.0): format alone must not pay
+    length_weight: float = 0.0  # -weight x completion tokens / max_completion_length
+
+
+@dataclass
 class GenerateConfig:
     num_train_problems: int = 1000
     num_eval_problems: int = 300
@@ -175,6 +194,7 @@ class Preset:
     sft: TrainConfig = field(default_factory=TrainConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +260,9 @@ RULES: dict[type, dict[str, Rule]] = {
                   "warmup_ratio": between(0, 1), "save_steps": POSITIVE, "optimizer": one_of(*OPTIMIZERS)},
     DpoConfig: {"beta": above(0), "sft_weight": NON_NEGATIVE},
     DistillConfig: {"top_k": POSITIVE, "temperature": above(0), "alpha": between(0, 1)},
+    GrpoConfig: {"num_generations": at_least(2), "max_completion_length": POSITIVE, "temperature": above(0),
+                 "beta": NON_NEGATIVE, "loss_type": one_of("grpo", "dr_grpo", "dapo", "bnpo"), "epsilon": above(0),
+                 "epsilon_high": above(0), "format_weight": NON_NEGATIVE, "length_weight": NON_NEGATIVE},
     GenerateConfig: {"num_train_problems": POSITIVE, "num_eval_problems": POSITIVE, "min_steps": POSITIVE,
                      "max_steps": POSITIVE, "samples_per_problem": POSITIVE, "temperature": NON_NEGATIVE,
                      "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "shard_size": POSITIVE, "seed": NON_NEGATIVE,
@@ -268,6 +291,8 @@ CROSS_RULES: list[tuple[str, Callable[[Preset], bool], str]] = [
     ("generate.batch_size", lambda p: p.generate.batch_size >= p.generate.samples_per_problem,
      ">= generate.samples_per_problem"),
     ("eval.batch_size", lambda p: p.eval.batch_size >= p.eval.maj_k, ">= eval.maj_k"),
+    # TRL splits each generation batch into whole groups of one problem's completions
+    ("grpo.batch_size", lambda p: p.grpo.batch_size % p.grpo.num_generations == 0, "a multiple of grpo.num_generations"),
     ("eval.min_think_tokens", lambda p: p.eval.think_budget == 0 or p.eval.min_think_tokens <= p.eval.think_budget,
      "<= eval.think_budget"),
     *_tiny_shape_rules("tiny_student"),
