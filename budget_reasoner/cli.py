@@ -286,6 +286,30 @@ def distill_command(
     typer.echo(f"distill adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
 
+@app.command("cache")
+@friendly_errors
+def cache_command(
+    teacher: str = typer.Option(..., help="Teacher model path or hub id (must share the student's tokenizer)."),
+    data: Path = typer.Option(..., help="Sequence-level data (SFT JSONL): the sequences the teacher scores."),
+    out: Path = typer.Option(Path("runs/distill/cache"), help="The cache folder (safetensors shards + COMPLETE.json)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Log-probs kept per position (default: the preset's distill.top_k)."),
+    stream_layers: bool = typer.Option(False, "--stream-layers", help="Read the teacher's decoder layers from its safetensors "
+                                       "one at a time (a teacher bigger than the memory); the same cache, slower."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+):
+    """Score the data with the teacher once: its top-k log-probs at the completion positions, in compact shards."""
+    settings = _preset(preset, set_)
+    if top_k is not None:
+        settings.distill.top_k = top_k
+    from budget_reasoner.train.distill import cache_teacher_topk
+
+    info = cache_teacher_topk(teacher, data, out, settings, overwrite=overwrite, stream_layers=stream_layers)
+    typer.echo(f"teacher cache: {out} ({info['examples']} sequences, {info['cached_positions']:,} positions, "
+               f"top-{info['top_k']}, {info['bytes_per_token']:.1f} bytes/position)")
+
+
 @app.command("eval")
 @friendly_errors
 def eval_command(

@@ -142,7 +142,7 @@ def test_a_cache_missing_a_shard_is_an_error_not_a_smaller_dataset(tiny_run, tmp
 
     out, preset, _ = tiny_run
     shutil.copytree(out / "distill" / "cache", tmp_path / "cache")
-    shards = sorted((tmp_path / "cache").glob("shard-*.jsonl"))
+    shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
     assert len(shards) >= 2
     shards[1].unlink()  # COMPLETE.json kept
     before = snapshot(tmp_path / "cache")

@@ -9,7 +9,8 @@ import torch
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import load_for_inference
 from budget_reasoner.hardware import detect
-from budget_reasoner.io import is_complete, read_json, read_shards
+from budget_reasoner.io import is_complete, read_json
+from budget_reasoner.scoring import read_cache
 from budget_reasoner.train.common import encode_prompt_completion
 
 
@@ -103,40 +104,45 @@ def test_distill_refuses_a_cache_from_another_tokenizer(tiny_run, tmp_path):
 
 def test_teacher_cache_holds_the_teachers_top_k(tiny_run):
     from budget_reasoner.models import load_model
+    from budget_reasoner.scoring import read_cache
 
     out, preset, _ = tiny_run
-    row = json.loads((out / "distill" / "cache" / "shard-00000.jsonl").read_text().splitlines()[0])
-    assert len(row["topk_ids"]) == len(row["input_ids"]) and len(row["topk_ids"][0]) == preset.distill.top_k
+    row = next(read_cache(out / "distill" / "cache"))
+    assert row["topk_ids"].shape == (len(row["positions"]), preset.distill.top_k)
     teacher = load_model(out / "models" / "teacher", preset, detect("cpu"))
     with torch.no_grad():
         log_probs = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0].log_softmax(-1)
-    expected = log_probs.topk(preset.distill.top_k, dim=-1)
-    assert row["topk_ids"] == expected.indices.tolist()
-    torch.testing.assert_close(torch.tensor(row["topk_logprobs"]), expected.values, atol=1e-4, rtol=0)
+    expected = log_probs[row["positions"]].topk(preset.distill.top_k, dim=-1)
+    assert row["topk_ids"].tolist() == expected.indices.tolist()
+    # float16 log-probs: 11 significant bits
+    torch.testing.assert_close(torch.from_numpy(row["topk_logprobs"]).float(), expected.values, rtol=2**-11, atol=1e-6)
 
 
 def test_teacher_cache_is_sharded_and_resumes(tiny_run, tmp_path):
-    from budget_reasoner.io import read_shards
+    from budget_reasoner.scoring import read_cache
     from budget_reasoner.train.distill import cache_teacher_topk
+
+    def rows_of(cache):
+        return [{key: value.tolist() for key, value in row.items()} for row in read_cache(cache)]
 
     out, preset, _ = tiny_run
     preset = copy.deepcopy(preset)
     preset.generate.shard_size = 10
     sft_file, teacher = out / "data" / "sft" / "train.jsonl", out / "models" / "teacher"
     info = cache_teacher_topk(teacher, sft_file, tmp_path / "cache", preset, detect("cpu"))
-    shards = sorted((tmp_path / "cache").glob("shard-*.jsonl"))
+    shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
     examples = len((sft_file).read_text().splitlines())
     assert len(shards) == -(-examples // 10) >= 2 and info["examples"] == examples
-    rows = read_shards(tmp_path / "cache")
+    rows = rows_of(tmp_path / "cache")
     # the same rows as the cache the quickstart wrote (an independent earlier run)
-    assert rows == read_shards(out / "distill" / "cache")
+    assert rows == rows_of(out / "distill" / "cache")
     # an interrupted run: the last shard and the completion marker are missing; a rerun writes only that shard
     kept = {path: path.stat().st_mtime_ns for path in shards[:-1]}
     shards[-1].unlink()
     (tmp_path / "cache" / "COMPLETE.json").unlink()
     cache_teacher_topk(teacher, sft_file, tmp_path / "cache", preset, detect("cpu"))
     assert {path: path.stat().st_mtime_ns for path in shards[:-1]} == kept
-    assert read_shards(tmp_path / "cache") == rows
+    assert rows_of(tmp_path / "cache") == rows
 
 
 def test_interrupted_sft_resumes_from_its_checkpoint(tiny_run, tmp_path, monkeypatch, capfd):
@@ -203,7 +209,7 @@ def test_report_accounts_for_cost(tiny_run):
     compute = {row["stage"]: row for row in results["compute"]}
     assert list(compute)[:2] == ["bootstrap", "generate"] and "teacher top-k cache" in compute
     assert compute["teacher top-k cache"]["tokens"] == sum(
-        len(row["input_ids"]) for row in read_shards(out / "distill" / "cache"))
+        len(row["input_ids"]) for row in read_cache(out / "distill" / "cache"))
     evals = [read_json(path) for path in (out / "eval").glob("*/summary.json")]
     assert compute[f"eval ({len(evals)} runs)"]["tokens"] == sum(e["tokens"] for e in evals) > 0
     assert all(e["peak_memory_bytes"] > 0 for e in evals)

@@ -1,13 +1,16 @@
 """The distill stage: the student learns the teacher's distribution, not only its sampled chains.
 
-1. `cache_teacher_topk`: one teacher forward over each sequence-level example (the verified chains),
-   keeping the top-k log-probs at every position (training reads the completion ones), in shards. The cache is what makes 70B -> 7B KD
-   affordable: the teacher runs once (on any machine), the student trains against a few floats a token.
+1. `cache_teacher_topk`: the teacher scores each sequence-level example (the verified chains) once, through
+   `budget_reasoner.scoring`, which keeps its top-k log-probs at the completion positions only, in compact
+   binary shards (k x 6 bytes a position). The cache is what makes 70B -> 7B KD affordable: the teacher runs
+   once (on any machine), the student trains against a few numbers a token.
 2. `distill`: continues the student's adapter with `fused_linear_kd_loss` (forward KL on the teacher's
    top-k, blended with cross-entropy on the chain), computed in chunks from the final hidden states
-   so the full logits never exist.
-Cache columns (data contract): input_ids, completion_mask, topk_ids, topk_logprobs; the teacher name and
-tokenizer hash sit in the cache's COMPLETE.json and must match the student's tokenizer.
+   so the full logits never exist. The cache is memory-mapped and read a batch at a time (scoring.TopKCache),
+   so host RAM does not grow with it.
+The cache's COMPLETE.json names the teacher, k, the tokenizer hash, the vocabulary size and the source data's
+hash; the tokenizer must match the student's and every cached id must be a row of the student's LM head,
+both checked before training starts.
 """
 
 from __future__ import annotations
@@ -20,41 +23,40 @@ import torch
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
-from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, digest, mark_complete, read_json, read_jsonl,
-                                read_shards, settings_of, shard_path, write_jsonl, writes_folder)
-from budget_reasoner.kernels import linear_topk_logprobs
-from budget_reasoner.kernels.patch import final_hidden_states, final_logit_softcap, fused_kd_loss, lm_head_weight
+from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, input_digest, mark_complete, read_jsonl,
+                                settings_of, writes_folder)
+from budget_reasoner.kernels.patch import fused_kd_loss
 from budget_reasoner.memory import teacher_cache_batch
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
+from budget_reasoner.scoring import (CACHE_FORMAT, DamagedShard, LayerStreamedScorer, LocalScorer, TopKCache,
+                                     read_cache_manifest, shard_counts, shard_file, tokenizer_hash, write_shard)
 from budget_reasoner.stages import tokenizer_of
-from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, pad_batch, save_stage,
-                                          stage_info, tokens_across_ranks, train_with_resume, training_arguments,
+from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, save_stage, stage_info,
+                                          tokens_across_ranks, train_with_resume, training_arguments,
                                           undo_data_parallel_mean, with_lora)
 from budget_reasoner.train.sft import SFT_COLUMNS, SFT_KINDS
 
-CACHE_COLUMNS = ("input_ids", "completion_mask", "topk_ids", "topk_logprobs")
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Two tokenizers with the same vocabulary and template hash the same; KD needs exactly that."""
-    return digest([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template])  # the same value as before
+__all__ = ["cache_teacher_topk", "distill", "collate_kd", "tokenizer_hash"]
 
 
 @writes_folder("cache_dir")
 @torch.no_grad()
 def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path, preset: Preset,
-                       hardware: Hardware | None = None, overwrite: bool = False) -> dict:
-    """Run the teacher once over every example of `sft_file`; save the top-k log-probs at each position.
+                       hardware: Hardware | None = None, overwrite: bool = False, stream_layers: bool = False) -> dict:
+    """Score every example of `sft_file` with the teacher once; save its top-k at the completion positions.
 
     The teacher loads as the preset loads models (4-bit on the GPU presets, so a 7B teacher fits a T4) and
     its LM head runs a chunk of positions at a time, so no tokens x vocab logits exist. Rows go to disk a
-    shard (`generate.shard_size` examples) at a time; a rerun skips finished shards.
+    shard (`generate.shard_size` examples) at a time; a rerun skips finished shards and writes a damaged one again.
+    `stream_layers`: never load the teacher whole; read its decoder layers from the checkpoint one at a time
+    (scoring.LayerStreamedScorer), for a teacher bigger than the memory. Both sources write the same cache.
     """
     cache_dir = Path(cache_dir)
     rows = read_jsonl(sft_file, SFT_COLUMNS, SFT_KINDS)
-    # the shard size sets which examples each shard holds, so a resume with another one would mix layouts
-    settings = settings_of(preset, *MODEL_SETTINGS, "distill.top_k", "generate.shard_size")
+    # the shard size sets which examples each shard holds, so a resume with another one would mix layouts;
+    # the format, so a cache an older version wrote is refused in one line rather than misread
+    settings = {**settings_of(preset, *MODEL_SETTINGS, "distill.top_k", "generate.shard_size"), "cache.format": CACHE_FORMAT}
     if (info := claim_stage(cache_dir, "teacher top-k cache", {"teacher": teacher_path, "data": sft_file}, settings,
                             overwrite, record="COMPLETE.json")) is not None:
         return info
@@ -62,36 +64,53 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     tokenizer = tokenizer_of(teacher_path)
     check_sequence_lengths(tokenizer, rows, sft_file, teacher_path)
     started = time.time()
-    teacher = load_model(teacher_path, preset, hardware).eval()
-    weight, device = lm_head_weight(teacher), next(teacher.parameters()).device
+    if stream_layers:
+        scorer = LayerStreamedScorer(teacher_path, tokenizer.pad_token_id, preset.model.attention)
+        vocab_size = scorer.weights.shape(scorer.head_name)[0]
+    else:
+        scorer = LocalScorer(load_model(teacher_path, preset, hardware), tokenizer.pad_token_id)
+        vocab_size = scorer.head.shape[0]
     top_k, shard_size, batch_size = preset.distill.top_k, preset.generate.shard_size, teacher_cache_batch(preset)
-    tokens = 0
-    with progress_bar() as bar, PeakMemory(device.type) as peak:
+    totals = {"sequences": 0, "tokens": 0, "positions": 0, "max_topk_id": -1, "max_input_id": -1}
+    with progress_bar() as bar, PeakMemory(scorer.device.type) as peak:
         task = bar.add_task("cache teacher top-k", total=len(rows))
         for index, shard_start in enumerate(range(0, len(rows), shard_size)):
-            encoded_shard = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
-                             for row in rows[shard_start : shard_start + shard_size]]
-            tokens += sum(len(ids) for ids, _ in encoded_shard)  # counted here: a finished shard is not reread
-            if shard_path(cache_dir, index).is_file():
-                bar.advance(task, len(encoded_shard))
-                continue
-            cached = []
-            for start in range(0, len(encoded_shard), batch_size):
-                encoded = encoded_shard[start : start + batch_size]
-                input_ids, attention_mask, _ = pad_batch(encoded, tokenizer.pad_token_id)
-                hidden = final_hidden_states(teacher, input_ids.to(device), attention_mask.to(device))
-                for i, (ids, mask) in enumerate(encoded):
-                    logprobs, token_ids = linear_topk_logprobs(hidden[i, : len(ids)], weight, top_k,
-                                                               softcap=final_logit_softcap(teacher))
-                    cached.append({"input_ids": ids, "completion_mask": mask, "topk_ids": token_ids.tolist(),
-                                   "topk_logprobs": [[round(v, 5) for v in row] for row in logprobs.tolist()]})
-                bar.advance(task, len(encoded))
-            write_jsonl(shard_path(cache_dir, index), cached)
+            path = shard_file(cache_dir, index)
+            counts = finished_shard(path)
+            if counts is None:
+                encoded_shard = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
+                                 for row in rows[shard_start : shard_start + shard_size]]
+                scored = []
+                for start in range(0, len(encoded_shard), batch_size):
+                    batch = encoded_shard[start : start + batch_size]
+                    scored += scorer.score(batch, top_k)
+                    bar.advance(task, len(batch))
+                counts = write_shard(path, scored, vocab_size)
+            else:
+                bar.advance(task, counts["sequences"])
+            for key in totals:
+                totals[key] = max(totals[key], counts[key]) if key.startswith("max_") else totals[key] + counts[key]
     compute = add_session(cache_dir, time.time() - started, peak.bytes)  # summed over the sessions that wrote shards
-    info = {"teacher": str(teacher_path), "tokenizer_hash": tokenizer_hash(tokenizer), "top_k": top_k, "examples": len(rows),
-            "tokens": tokens, "device": hardware.describe(), **compute}
+    shard_bytes = sum(path.stat().st_size for path in cache_dir.glob("shard-*.safetensors"))
+    info = {"format": CACHE_FORMAT, "teacher": str(teacher_path), "top_k": top_k, "temperature": 1.0,
+            "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "source_data": input_digest(sft_file),
+            "examples": totals["sequences"], "tokens": totals["tokens"], "cached_positions": totals["positions"],
+            "max_topk_id": totals["max_topk_id"], "max_input_id": totals["max_input_id"], "bytes": shard_bytes,
+            # per cached position, everything in the shards included (ids, offsets, headers): the figure to hold to k x 6
+            "bytes_per_token": shard_bytes / max(totals["positions"], 1), "device": hardware.describe(), **compute}
     mark_complete(cache_dir, info)
     return info
+
+
+def finished_shard(path: Path) -> dict | None:
+    """A shard an earlier session finished (its counts), or None to write it: absent, or damaged (said, then redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return shard_counts(path)
+    except DamagedShard as error:
+        say(f"{path}: not a readable top-k cache shard ({error.why}); scoring its sequences again")
+        return None
 
 
 def check_sequence_lengths(tokenizer, rows: list[dict], sft_file: Path, teacher_path: str | Path) -> None:
@@ -114,9 +133,10 @@ def check_sequence_lengths(tokenizer, rows: list[dict], sft_file: Path, teacher_
 
 
 def collate_kd(examples: list[dict], pad_id: int) -> dict:
-    """Pad cache rows; labels are the next tokens on completion positions (already shifted), -100 elsewhere."""
+    """Pad cached sequences into a batch; a cached position p gets the label input_ids[p + 1] (already shifted) and
+    the teacher's top-k, every other position -100 and zeros."""
     length = max(len(e["input_ids"]) for e in examples)
-    k = len(examples[0]["topk_ids"][0])
+    k = examples[0]["topk_ids"].shape[1]
     batch = {
         "input_ids": torch.full((len(examples), length), pad_id),
         "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
@@ -125,14 +145,12 @@ def collate_kd(examples: list[dict], pad_id: int) -> dict:
         "topk_logprobs": torch.zeros((len(examples), length, k)),
     }
     for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids = torch.tensor(e["input_ids"])
-        batch["input_ids"][i, :n] = ids
-        batch["attention_mask"][i, :n] = 1
-        next_is_completion = torch.tensor(e["completion_mask"][1:]) == 1
-        batch["kd_labels"][i, : n - 1] = torch.where(next_is_completion, ids[1:], torch.tensor(-100))
-        batch["topk_ids"][i, :n] = torch.tensor(e["topk_ids"])
-        batch["topk_logprobs"][i, :n] = torch.tensor(e["topk_logprobs"])
+        ids, positions = torch.from_numpy(e["input_ids"]), torch.from_numpy(e["positions"])
+        batch["input_ids"][i, : len(ids)] = ids
+        batch["attention_mask"][i, : len(ids)] = 1
+        batch["kd_labels"][i, positions] = ids[positions + 1]
+        batch["topk_ids"][i, positions] = torch.from_numpy(e["topk_ids"]).long()
+        batch["topk_logprobs"][i, positions] = torch.from_numpy(e["topk_logprobs"]).float()
     return batch
 
 
@@ -171,36 +189,47 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
 
     The cache is verified first (every shard its manifest lists present and whole): a missing shard is an error,
     never a smaller dataset. `out` resumes only what the same cache, student and settings started."""
-    from datasets import Dataset
     from transformers import TrainingArguments
 
     out = Path(out)
-    if not (Path(cache_dir) / "COMPLETE.json").is_file():
-        raise BudgetReasonerError(f"{cache_dir}: not a complete teacher cache (no COMPLETE.json); run the cache first")
+    info = read_cache_manifest(cache_dir)  # before the claim: an old-format cache is one line, with nothing written
     settings = settings_of(preset, *MODEL_SETTINGS, "lora", "distill")
     if (record := claim_stage(out, "distill", {"cache": cache_dir, "student": student_stage}, settings,
                               overwrite)) is not None:
         return record
     hardware = hardware or hardware_for(preset)
-    info = read_json(Path(cache_dir) / "COMPLETE.json")
-    rows = read_shards(cache_dir, CACHE_COLUMNS)  # the shards the manifest lists, verified by claim_stage above
-    if len(rows) != info.get("examples", len(rows)):
-        raise BudgetReasonerError(f"{cache_dir}: its shards hold {len(rows)} examples, its COMPLETE.json says "
+    cache = TopKCache(cache_dir)  # the shards the manifest lists, verified by claim_stage above; mapped, not loaded
+    if len(cache) != info["examples"]:
+        raise BudgetReasonerError(f"{cache_dir}: its shards hold {len(cache)} examples, its COMPLETE.json says "
                                   f"{info['examples']}; the cache is damaged: rerun with --overwrite")
     model, base = load_for_training(student_stage, preset, hardware)
     tokenizer = load_tokenizer(base)
-    if tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
-        raise BudgetReasonerError(
-            f"{cache_dir}: cached with tokenizer {info['tokenizer_hash']} of {info['teacher']}, but the student's is "
-            f"{tokenizer_hash(tokenizer)}; logit-level KD needs a shared vocabulary (use sequence-level data only)"
-        )
+    check_vocabulary(cache_dir, info, tokenizer, model.get_output_embeddings().weight.shape[0])
     model = with_lora(model, preset, preset.distill.gradient_checkpointing, hardware)
     settings = preset.distill
     args = training_arguments(TrainingArguments, settings, preset, hardware, out, report_to, remove_unused_columns=False)
-    trainer = kd_trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    trainer = kd_trainer_class()(model=model, args=args, train_dataset=cache,
                                  data_collator=lambda examples: collate_kd(examples, tokenizer.pad_token_id),
                                  kd_alpha=settings.alpha, kd_temperature=settings.temperature)
-    say(f"distill: {len(rows)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
+    say(f"distill: {len(cache)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
         f"{describe_precision(preset, hardware)}")
     return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
-                      stage_info("distill", preset, hardware, examples=len(rows)))
+                      stage_info("distill", preset, hardware, examples=len(cache)))
+
+
+def check_vocabulary(cache_dir: Path, info: dict, tokenizer, student_rows: int) -> None:
+    """Before any training: the student must read the cache's tokens as the teacher did (the same tokenizer) and
+    have an LM-head row for every cached id (Qwen2.5 checkpoints of one tokenizer have 151,936 or 152,064 rows)."""
+    student_hash = tokenizer_hash(tokenizer)
+    if student_hash != info["tokenizer_hash"]:
+        raise BudgetReasonerError(
+            f"{cache_dir}: cached with tokenizer {info['tokenizer_hash']} of {info['teacher']}, but the student's is "
+            f"{student_hash}; logit-level KD needs a shared vocabulary (use sequence-level data only)"
+        )
+    needed = max(info["max_topk_id"], info["max_input_id"]) + 1
+    if needed > student_rows:
+        raise BudgetReasonerError(
+            f"{cache_dir}: the teacher {info['teacher']} ({info['vocab_size']:,} LM-head rows) cached token id "
+            f"{needed - 1:,}, but the student's LM head has {student_rows:,} rows; re-cache with a teacher whose ids "
+            f"the student has, or use sequence-level data only"
+        )

@@ -1,0 +1,444 @@
+"""Scoring: token sequences in, a teacher's top-k log-probs out, and the compact cache that holds them.
+
+The one place that does this (the distill cache and on-policy distillation both call it). Two sources give the
+same scores:
+- `LocalScorer`: the teacher loaded whole, one forward per batch (the ordinary path);
+- `LayerStreamedScorer` (scoring_layers.py): a teacher bigger than the card, its decoder layers read from the
+  checkpoint one at a time, each pushed over the whole batch's hidden states and freed.
+
+Only the positions training reads are scored and kept: position p predicts token p + 1, so a sequence's cached
+positions are those whose next token is a completion token. The prompt's positions (a third of the tokens on
+the offline run, most of them with a long system prompt) are never written.
+
+The cache (the data contract in ARCHITECTURE.md) is a folder of safetensors shards, one per `shard_size`
+sequences, each holding the shard's sequences concatenated:
+    input_ids       (tokens,)        uint16 when the vocabulary fits, else int32: every token, the student's input
+    sequence_starts (sequences + 1,) int32: where each sequence starts in input_ids
+    first_positions (sequences,)     int32: each sequence's first cached position (the rest follow contiguously)
+    row_starts      (sequences + 1,) int32: where each sequence's rows start in the top-k arrays
+    topk_ids        (positions, k)   int32
+    topk_logprobs   (positions, k)   float16
+so a cached position costs k x 6 bytes plus its share of the ids and offsets. A reader memory-maps the shards
+and copies out one sequence at a time (`TopKCache`), so host RAM does not grow with the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.io import COMPLETE, _atomic, digest, read_json, verify_complete
+
+CACHE_FORMAT = "topk-safetensors-v1"  # in every shard's header and the manifest; a JSONL cache has none
+LOGPROB_FLOOR = -60000.0  # float16's range ends at -65504: a -inf log-prob (a masked or softcapped logit) is kept finite
+_DTYPES = {"U16": np.uint16, "I32": np.int32, "F16": np.float16}
+_CACHE_TENSORS = ("input_ids", "sequence_starts", "first_positions", "row_starts", "topk_ids", "topk_logprobs")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Two tokenizers with the same vocabulary and template hash the same; KD needs exactly that."""
+    return digest([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template])
+
+
+def cached_span(completion_mask: list[int]) -> tuple[int, int]:
+    """The positions [start, stop) whose next token is a completion token: the ones KD trains on.
+
+    The completion follows the prompt in one run (train/common.encode_prompt_completion), so they are contiguous;
+    a mask with gaps (a multi-turn layout) is refused rather than cached wrongly."""
+    first = completion_mask.index(1) if 1 in completion_mask else len(completion_mask)
+    if any(value != 1 for value in completion_mask[first:]):
+        raise ValueError("the completion mask must be one run of 1s at the end of the sequence")
+    return max(first - 1, 0), max(len(completion_mask) - 1, 0)
+
+
+@dataclass
+class ScoredSequence:
+    """One sequence's cache row: its tokens, and the teacher's top-k at positions first_position onwards."""
+    input_ids: list[int]
+    first_position: int
+    topk_ids: torch.Tensor       # (positions, k)
+    topk_logprobs: torch.Tensor  # (positions, k), fp32 as computed; the shard stores fp16
+
+
+# ---- the local source: the teacher loaded whole ------------------------------------------------------------
+
+class LocalScorer:
+    """A loaded teacher: one forward per batch, then its LM head a chunk of cached positions at a time."""
+
+    def __init__(self, model, pad_token_id: int):
+        from budget_reasoner.kernels.patch import final_logit_softcap, lm_head_weight
+
+        self.model, self.pad_token_id = model.eval(), pad_token_id
+        self.head, self.softcap = lm_head_weight(model), final_logit_softcap(model)
+        self.device = self.head.device
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from budget_reasoner.kernels.patch import final_hidden_states
+
+        return final_hidden_states(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+
+    @torch.no_grad()
+    def score(self, encoded: list[tuple[list[int], list[int]]], top_k: int) -> list[ScoredSequence]:
+        input_ids, attention_mask = right_pad([ids for ids, _ in encoded], self.pad_token_id)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return topk_of_spans(hidden, encoded, self.head, top_k, self.softcap)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def topk_of_spans(hidden: torch.Tensor, encoded, head_weight: torch.Tensor, top_k: int,
+                  softcap: float | None) -> list[ScoredSequence]:
+    """The LM head over each sequence's cached positions only (chunked: no positions x vocab logits)."""
+    from budget_reasoner.kernels import linear_topk_logprobs
+
+    scored = []
+    for row, (ids, mask) in enumerate(encoded):
+        start, stop = cached_span(mask)
+        logprobs, token_ids = linear_topk_logprobs(hidden[row, start:stop], head_weight, top_k, softcap=softcap)
+        scored.append(ScoredSequence(list(ids), start, token_ids.cpu(), logprobs.cpu()))
+    return scored
+
+
+# ---- the layer-streamed source: a teacher bigger than the memory ------------------------------------------
+# Prefill reads each weight once for every token of the batch, so streaming the layers from disk costs a read of
+# the checkpoint per batch, not per token: hopeless for generation, fine for scoring. The model is built on the
+# meta device (no memory), so its own modules (rotary embeddings, masks, decoder layers) compute exactly what the
+# ordinary forward computes; each layer gets real weights just before it runs and gives them back right after.
+
+class LayerStreamedScorer:
+    """Score with a checkpoint holding at most one decoder layer's weights (plus the batch's hidden states and one
+    block of LM-head rows) in memory at a time. Decoder-only models laid out as Qwen2/Llama are
+    (model.embed_tokens, model.layers.N, model.norm, lm_head or tied embeddings)."""
+
+    def __init__(self, checkpoint: str | Path, pad_token_id: int, attention: str = "sdpa", head_rows: int = 8192):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.checkpoint, self.pad_token_id, self.head_rows = Path(checkpoint), pad_token_id, head_rows
+        self.weights = CheckpointTensors(self.checkpoint)
+        config = AutoConfig.from_pretrained(self.checkpoint)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+        decoder = self.model.model
+        decoder.rotary_emb = type(decoder.rotary_emb)(config=decoder.config)  # its inv_freq buffer, computed for real
+        self.config, self.device = decoder.config, torch.device("cpu")
+        self.softcap = getattr(config, "final_logit_softcapping", None) or None
+        self.head_name = "lm_head.weight" if "lm_head.weight" in self.weights else "model.embed_tokens.weight"
+
+    @torch.no_grad()
+    def score(self, encoded: list[tuple[list[int], list[int]]], top_k: int) -> list[ScoredSequence]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        decoder = self.model.model
+        input_ids, attention_mask = right_pad([ids for ids, _ in encoded], self.pad_token_id)
+        with self.weights.loaded(decoder.embed_tokens, "model.embed_tokens."):
+            hidden = decoder.embed_tokens(input_ids)
+        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
+        arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask, "cache": None,
+                     "position_ids": position_ids}
+        masks = {"full_attention": create_causal_mask(**arguments)}
+        if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        for index, layer in enumerate(decoder.layers):
+            with self.weights.loaded(layer, f"model.layers.{index}."):
+                hidden = layer(hidden, attention_mask=masks[self.config.layer_types[index]],
+                               position_embeddings=position_embeddings, position_ids=position_ids)
+        with self.weights.loaded(decoder.norm, "model.norm."):
+            hidden = decoder.norm(hidden)
+        scored = []
+        for row, (ids, mask) in enumerate(encoded):
+            start, stop = cached_span(mask)
+            scored.append((list(ids), start, hidden[row, start:stop]))
+        positions = torch.cat([states for _, _, states in scored])
+        logprobs, token_ids = self.head_topk(positions, top_k)
+        result, offset = [], 0
+        for ids, start, states in scored:
+            rows = states.shape[0]
+            result.append(ScoredSequence(ids, start, token_ids[offset : offset + rows], logprobs[offset : offset + rows]))
+            offset += rows
+        return result
+
+    def head_topk(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k log-probs over the whole vocabulary, reading `head_rows` rows of the LM head at a time: a running
+        top-k of logits and a running log-sum-exp, so neither the head nor positions x vocab logits are ever whole."""
+        vocab = self.weights.shape(self.head_name)[0]
+        best = torch.full((hidden.shape[0], top_k), -torch.inf)
+        best_ids = torch.zeros((hidden.shape[0], top_k), dtype=torch.long)
+        log_z = torch.full((hidden.shape[0],), -torch.inf)
+        for first in range(0, vocab, self.head_rows):
+            rows = self.weights.rows(self.head_name, first, min(first + self.head_rows, vocab))
+            logits = (hidden @ rows.t()).float()
+            del rows
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            log_z = torch.logaddexp(log_z, logits.logsumexp(-1))
+            block = logits.topk(min(top_k, logits.shape[1]), dim=1)
+            merged, order = torch.cat([best, block.values], dim=1).topk(top_k, dim=1)
+            best_ids = torch.cat([best_ids, block.indices + first], dim=1).gather(1, order)
+            best = merged
+        return best - log_z[:, None], best_ids
+
+
+class CheckpointTensors:
+    """A checkpoint's safetensors files, read a tensor (or a block of its rows) at a time with plain reads.
+
+    Not through safetensors' safe_open: it memory-maps the file, and the pages a read touches stay resident beside
+    the copy until the file is closed, which would hold a layer twice at the peak. A listed file that is missing is
+    one line naming it, before anything is scored."""
+
+    def __init__(self, checkpoint: Path):
+        index = checkpoint / "model.safetensors.index.json"
+        if index.is_file():
+            files = {name: checkpoint / file for name, file in read_json(index)["weight_map"].items()}
+        elif (checkpoint / "model.safetensors").is_file():
+            files = None
+        else:
+            raise BudgetReasonerError(f"{checkpoint}: no model.safetensors or model.safetensors.index.json; layer "
+                                      f"streaming reads a safetensors checkpoint")
+        self.entries = {}
+        for path in sorted(set(files.values())) if files else [checkpoint / "model.safetensors"]:
+            if not path.is_file():
+                raise BudgetReasonerError(f"{path}: missing (listed in {index}); download the checkpoint's missing "
+                                          f"shards, then rerun")
+            header, start = _safetensors_header(path)
+            for name, entry in header.items():
+                self.entries[name] = (path, start, entry)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][2]["shape"]
+
+    def rows(self, name: str, first: int, stop: int) -> torch.Tensor:
+        path, start, entry = self.entries[name]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        shape = entry["shape"]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        tensor = torch.empty((stop - first, *shape[1:]), dtype=dtype)
+        with path.open("rb") as handle:
+            handle.seek(start + entry["data_offsets"][0] + first * row_bytes)
+            handle.readinto(tensor.view(torch.uint8).numpy().reshape(-1))
+        return tensor
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0]).reshape(shape) if shape else self.rows(name, 0, 1).reshape(())
+
+    @contextlib.contextmanager
+    def loaded(self, module: torch.nn.Module, prefix: str):
+        """`module` with its real weights for the block; back on the meta device (freed) after it."""
+        state = {name: self.tensor(prefix + name) for name in module.state_dict()}
+        module.load_state_dict(state, assign=True, strict=True)
+        del state
+        try:
+            yield module
+        finally:
+            module.to("meta")
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with path.open("rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+# ---- writing shards -----------------------------------------------------------------------------------------
+
+def write_shard(path: Path, scored: list[ScoredSequence], vocab_size: int) -> dict:
+    """Write one shard atomically; returns its counts (also kept in its header, so a resumed cache adds them up
+    without reading the rows again)."""
+    from safetensors.numpy import save_file
+
+    top_k = scored[0].topk_ids.shape[1]
+    lengths = [len(s.input_ids) for s in scored]
+    rows = [s.topk_ids.shape[0] for s in scored]
+    if sum(lengths) >= 2**31:
+        raise ValueError("a shard holds at most 2**31 tokens; use a smaller generate.shard_size")
+    ids_dtype = np.uint16 if vocab_size <= 2**16 else np.int32
+    tensors = {
+        "input_ids": np.concatenate([np.asarray(s.input_ids, dtype=ids_dtype) for s in scored]),
+        "sequence_starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+        "first_positions": np.asarray([s.first_position for s in scored], dtype=np.int32),
+        "row_starts": np.concatenate([[0], np.cumsum(rows)]).astype(np.int32),
+        "topk_ids": np.concatenate([s.topk_ids.numpy() for s in scored]).astype(np.int32).reshape(-1, top_k),
+        "topk_logprobs": np.concatenate([s.topk_logprobs.float().clamp_min(LOGPROB_FLOOR).numpy() for s in scored])
+                           .astype(np.float16).reshape(-1, top_k),
+    }
+    counts = {"sequences": len(scored), "tokens": int(sum(lengths)), "positions": int(sum(rows)),
+              "max_topk_id": int(tensors["topk_ids"].max(initial=-1)), "max_input_id": int(tensors["input_ids"].max())}
+    with _atomic(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": CACHE_FORMAT, "top_k": str(top_k),
+                                                    **{key: str(value) for key, value in counts.items()}})
+    return counts
+
+
+def shard_file(folder: Path, index: int) -> Path:
+    return Path(folder) / f"shard-{index:05d}.safetensors"
+
+
+# ---- reading shards: memory-mapped, one sequence at a time ------------------------------------------------
+
+class CacheShard:
+    """One shard, its header checked on open (a truncated or foreign file is one line naming it) and its data
+    memory-mapped on first read.
+
+    Pages a read touches count in this process's resident memory until they are unmapped, so after copying a
+    sequence out the reader drops them again (madvise DONTNEED: they stay in the page cache, so rereading is a
+    memory copy, not a disk read). Without that, one epoch over a 10 GB cache would show 10 GB resident."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_start = _read_header(self.path)
+        self.top_k = int(self.metadata["top_k"])
+        self.sequences = int(self.metadata["sequences"])
+        self._map: mmap.mmap | None = None
+
+    def __getstate__(self):  # a DataLoader worker (or another rank) maps the file itself
+        return {**self.__dict__, "_map": None}
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor, copied out of the mapping."""
+        dtype, shape, offset = self.tensors[name]
+        row_elements = int(np.prod(shape[1:], dtype=np.int64))
+        itemsize = np.dtype(dtype).itemsize
+        if self._map is None:
+            with self.path.open("rb") as handle:
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        first_byte = self.data_start + offset + start * row_elements * itemsize
+        count = (stop - start) * row_elements
+        view = np.frombuffer(self._map, dtype=dtype, count=count, offset=first_byte)
+        rows = view.reshape(stop - start, *shape[1:]).copy()
+        del view  # the mapping cannot be advised (or closed) while a view exports it
+        page_start = first_byte - first_byte % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, page_start, first_byte + count * itemsize - page_start)
+        return rows
+
+    def sequence(self, index: int) -> dict:
+        """A sequence as `read_cache` yields it: input_ids (int64), positions (the cached ones, int64),
+        topk_ids (positions x k, int32), topk_logprobs (positions x k, float16)."""
+        token_start, token_stop = self._read("sequence_starts", index, index + 2)
+        row_start, row_stop = self._read("row_starts", index, index + 2)
+        first = int(self._read("first_positions", index, index + 1)[0])
+        return {"input_ids": self._read("input_ids", int(token_start), int(token_stop)).astype(np.int64),
+                "positions": np.arange(first, first + int(row_stop - row_start), dtype=np.int64),
+                "topk_ids": self._read("topk_ids", int(row_start), int(row_stop)),
+                "topk_logprobs": self._read("topk_logprobs", int(row_start), int(row_stop))}
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """A shard's tensors (dtype, shape, byte offset) and metadata, every tensor checked to lie inside the file."""
+    def damaged(why: str) -> DamagedShard:
+        return DamagedShard(path, why)
+
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size < 8:
+            raise damaged(f"{size} bytes")
+        header_bytes = struct.unpack("<Q", handle.read(8))[0]
+        if header_bytes > size - 8:
+            raise damaged(f"cut short: its header needs {header_bytes:,} bytes, the file has {size - 8:,} after it")
+        try:
+            header = json.loads(handle.read(header_bytes))
+        except ValueError:
+            raise damaged("its header is not valid JSON") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("format") != CACHE_FORMAT:
+        raise damaged(f"format {metadata.get('format')!r}, expected {CACHE_FORMAT!r}")
+    data_start, tensors = 8 + header_bytes, {}
+    for name in _CACHE_TENSORS:
+        if name not in header or header[name].get("dtype") not in _DTYPES:
+            raise damaged(f"no {name} tensor")
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+        if end - begin != expected or data_start + end > size:
+            raise damaged(f"cut short at {size:,} bytes: {name} ends at byte {data_start + end:,}")
+        tensors[name] = (_DTYPES[entry["dtype"]], entry["shape"], begin)
+    return tensors, metadata, data_start
+
+
+class DamagedShard(BudgetReasonerError):
+    """A shard whose header or size is wrong: the cache command writes it again, a reader stops on it."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: not a readable top-k cache shard ({why}); rerun the cache command to write it "
+                         f"again (finished shards are kept)")
+        self.why = why
+
+
+class TopKCache(torch.utils.data.Dataset):
+    """A complete cache folder as a map-style dataset of sequences (the dicts `CacheShard.sequence` returns),
+    read from the memory-mapped shards on demand: indexable, so the trainer can shuffle across the whole cache."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.info = read_cache_manifest(self.folder)
+        names = sorted(name for name in self.info["files"] if name.startswith("shard-"))
+        self.shards = [CacheShard(self.folder / name) for name in names]
+        self.starts = np.cumsum([0] + [shard.sequences for shard in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.shards[shard].sequence(index - int(self.starts[shard]))
+
+
+def read_cache_manifest(folder: Path) -> dict:
+    """The cache's COMPLETE.json, refused in one line when the folder is no complete compact cache."""
+    folder = Path(folder)
+    if not (folder / COMPLETE).is_file():
+        raise BudgetReasonerError(f"{folder}: not a complete teacher cache (no {COMPLETE}); run the cache first")
+    info = read_json(folder / COMPLETE)
+    if info.get("format") != CACHE_FORMAT:
+        raise BudgetReasonerError(f"{folder}: a teacher cache in an older format ({info.get('format') or 'JSONL'}); "
+                                  f"rerun the cache command with --overwrite to write it as {CACHE_FORMAT}")
+    return info
+
+
+def read_cache(folder: Path) -> Iterator[dict]:
+    """Every sequence of a complete cache, in order: dicts with input_ids, positions, topk_ids and topk_logprobs
+    (positions x k). The shards are checked against the manifest first, so a damaged one is an error, not less data."""
+    verify_complete(folder)
+    cache = TopKCache(folder)
+    for shard in cache.shards:
+        for index in range(shard.sequences):
+            yield shard.sequence(index)
+        shard.close()
+
+
+def shard_counts(path: Path) -> dict:
+    """A finished shard's counts from its header alone (checked, so a damaged shard is found before it is used)."""
+    _, metadata, _ = _read_header(Path(path))
+    return {key: int(metadata[key]) for key in ("sequences", "tokens", "positions", "max_topk_id", "max_input_id")}
