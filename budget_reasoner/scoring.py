@@ -147,8 +147,9 @@ class LayerStreamedScorer:
 
         decoder = self.model.model
         input_ids, attention_mask = right_pad([ids for ids, _ in encoded], self.pad_token_id)
-        with self.weights.loaded(decoder.embed_tokens, "model.embed_tokens."):
-            hidden = decoder.embed_tokens(input_ids)
+        # only the embedding rows of the batch's tokens: the whole table (vocab x hidden) can outweigh a layer
+        present, where = input_ids.unique(return_inverse=True)
+        hidden = self.weights.rows_at("model.embed_tokens.weight", present.tolist())[where]
         position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
         arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask, "cache": None,
                      "position_ids": position_ids}
@@ -237,6 +238,17 @@ class CheckpointTensors:
             handle.seek(start + entry["data_offsets"][0] + first * row_bytes)
             handle.readinto(tensor.view(torch.uint8).numpy().reshape(-1))
         return tensor
+
+    def rows_at(self, name: str, indices: list[int]) -> torch.Tensor:
+        path, start, entry = self.entries[name]
+        dtype, shape = _TORCH_DTYPES[entry["dtype"]], entry["shape"]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        table = torch.empty((len(indices), *shape[1:]), dtype=dtype)
+        with path.open("rb") as handle:
+            for row, index in enumerate(indices):
+                handle.seek(start + entry["data_offsets"][0] + index * row_bytes)
+                handle.readinto(table[row].view(torch.uint8).numpy().reshape(-1))
+        return table
 
     def tensor(self, name: str) -> torch.Tensor:
         shape = self.shape(name)
