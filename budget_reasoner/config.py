@@ -55,6 +55,9 @@ class ModelConfig:
 class QuantizationConfig:
     load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (QLoRA)
     compute_dtype: str = "float32"  # "bfloat16" on Ampere+, "float16" on a T4, "float32" on the CPU
+    # how bitsandbytes stores the packed 4-bit weights: uint8 (its default), or the compute dtype for FSDP, which
+    # flattens and shards only parameters of one dtype (presets/accelerate/fsdp2-qlora.yaml; same numbers either way)
+    quant_storage: str = "uint8"
 
 
 @dataclass
@@ -250,7 +253,7 @@ RULES: dict[type, dict[str, Rule]] = {
     TinyModelConfig: {"hidden_size": POSITIVE, "num_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE,
                       "intermediate_size": POSITIVE},
     ModelConfig: {"max_length": POSITIVE, "attention": one_of(*ATTENTION)},
-    QuantizationConfig: {"compute_dtype": one_of(*COMPUTE_DTYPES)},
+    QuantizationConfig: {"compute_dtype": one_of(*COMPUTE_DTYPES), "quant_storage": one_of("uint8", *COMPUTE_DTYPES)},
     LoraConfig: {"r": POSITIVE, "alpha": above(0), "dropout": between(0, 1, high_open=True)},
     PretrainConfig: {"teacher_steps": POSITIVE, "student_steps": POSITIVE, "batch_size": POSITIVE,
                      "learning_rate": above(0), "num_problems": POSITIVE, "teacher_target_accuracy": between(0, 1),

@@ -9,6 +9,7 @@ with `<think>`) and Qwen2 models from a config, so the code path is the same one
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -146,8 +147,10 @@ def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, qua
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=getattr(torch, preset.quantization.quant_storage),
         )
-        kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else "cpu"
+        # each data-parallel process loads its replica onto its own GPU (LOCAL_RANK, set by torchrun / accelerate)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if hardware.device == "cuda" else "cpu"
     try:
         # before the weights: a preset whose max_length the model cannot hold fails in seconds, not after the load
         positions = getattr(AutoConfig.from_pretrained(str(name_or_path)), "max_position_embeddings", None)

@@ -15,6 +15,7 @@ class-wide is touched, and `remove_fused_loss` restores the instance.
 
 from __future__ import annotations
 
+import os
 import types
 from dataclasses import dataclass
 
@@ -115,6 +116,11 @@ def add_fused_loss(model):
     base = _unwrap(model)
     if hasattr(base, _ORIGINAL):
         return model
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":  # set by accelerate launch for a ZeRO-3 config
+        raise BudgetReasonerError(
+            "the fused losses read lm_head.weight outside the LM head's own forward, which DeepSpeed ZeRO-3 leaves "
+            "partitioned (empty) there; set sft.fused_loss=false, or train on the DDP or FSDP2 route (distill's KD "
+            "loss is always fused)")
     if hasattr(base, "_original_forward"):  # accelerate's mark: this instance's forward is already its wrapper
         raise BudgetReasonerError("add_fused_loss(model) must run before accelerate prepares the model (its autocast would be bypassed)")
     if not hasattr(base, base.base_model_prefix or "") or base.get_output_embeddings() is None:

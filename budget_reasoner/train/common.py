@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -272,17 +273,42 @@ def save_stage(output_dir: Path, model, tokenizer, base: str, run: dict, info: d
     Under a multi-process launch rank 0 writes (every rank holds the same, all-reduced adapter) and the others
     wait for it, so none reports the stage done before it is on disk."""
     record = {"base": recorded_base(base, output_dir), "adapter": "adapter", **run, **info}
-    if distributed.is_main_process():
-        _write_stage(output_dir, model, tokenizer, record)
+    with whole_weights(model) as state_dict:  # every rank takes part in gathering sharded weights
+        if distributed.is_main_process():
+            _write_stage(output_dir, model, tokenizer, record, state_dict)
     distributed.barrier()
     return record
 
 
-def _write_stage(output_dir: Path, model, tokenizer, record: dict) -> None:
+@contextlib.contextmanager
+def whole_weights(model):
+    """The model's weights whole on rank 0 for saving, when a sharding engine split them: FSDP2's DTensors are
+    gathered into a full state dict (yielded; rank 0 holds it, in CPU memory), DeepSpeed ZeRO-3's partitioned
+    parameters are gathered in place for the block. Collectives: every rank must enter. Unsharded (one process,
+    DDP): nothing to do, None. (Not exercised on the CPU: the GPU routes of presets/accelerate/.)"""
+    parameters = list(model.parameters())
+    if any(hasattr(parameter, "ds_id") for parameter in parameters):  # ZeRO-3 marks its partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
+            yield None
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(parameter, DTensor) for parameter in parameters):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        yield get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return
+    yield None
+
+
+def _write_stage(output_dir: Path, model, tokenizer, record: dict, state_dict: dict | None) -> None:
+    gathered = {"state_dict": state_dict} if state_dict is not None else {}
     if hasattr(model, "peft_config"):  # DPO holds a frozen "ref" copy beside "default"; only "default" is ours
-        model.save_pretrained(output_dir / "adapter", selected_adapters=["default"])
+        model.save_pretrained(output_dir / "adapter", selected_adapters=["default"], **gathered)
     else:
-        model.save_pretrained(output_dir / "adapter")
+        model.save_pretrained(output_dir / "adapter", **gathered)
     tokenizer.save_pretrained(output_dir / "adapter")
     write_json(output_dir / "stage.json", record)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
