@@ -24,8 +24,9 @@ SETTINGS = {**TINY, "sft.max_steps": STEPS, "sft.batch_size": PER_DEVICE_BATCH, 
             "sft.fused_loss": True, "sft.warmup_ratio": 0.0, "lora.dropout": 0.0}
 
 
-def build_inputs(folder: Path) -> tuple[Path, Path]:
-    """A toy student base model folder and an SFT set of EXAMPLES multi-step chains (of different lengths)."""
+def build_inputs(folder: Path, settings: dict = SETTINGS, examples: int = EXAMPLES) -> tuple[Path, Path]:
+    """A student base model folder (random weights, the preset's student shape) and an SFT set of `examples`
+    multi-step chains (of different lengths)."""
     from budget_reasoner.config import load_preset
     from budget_reasoner.domains import math as math_domain
     from budget_reasoner.io import write_jsonl
@@ -33,12 +34,12 @@ def build_inputs(folder: Path) -> tuple[Path, Path]:
     from budget_reasoner.sampling import chat_prompt
     from budget_reasoner.train.pretrain import build_offline_tokenizer
 
-    preset = load_preset("cpu-tiny", dict(SETTINGS))
+    preset = load_preset("cpu-tiny", dict(settings))
     tokenizer = build_offline_tokenizer(preset)
     student = folder / "student-base"
     build_tiny_model(tokenizer, preset.model.tiny_student, preset.model.max_length, seed=0).save_pretrained(student)
     tokenizer.save_pretrained(student)
-    problems = math_domain.make_problems(EXAMPLES, 3, 1, 3)
+    problems = math_domain.make_problems(examples, 3, 1, 3)
     data = folder / "sft.jsonl"
     write_jsonl(data, [{"prompt": chat_prompt(p.question),
                         "completion": [{"role": "assistant", "content": math_domain.format_chain(p.steps, p.answer)}]}
@@ -51,8 +52,8 @@ def cli() -> list[str]:
     return [str(Path(sys.executable).with_name("budget-reasoner"))]
 
 
-def sft_command(student: Path, data: Path, out: Path, grad_accum: int, extra: dict | None = None) -> list[str]:
-    settings = {**SETTINGS, "sft.grad_accum": grad_accum, **(extra or {})}
+def sft_command(student: Path, data: Path, out: Path, grad_accum: int, settings: dict = SETTINGS) -> list[str]:
+    settings = {**settings, "sft.grad_accum": grad_accum}
     options = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     return ["sft", "--data", str(data), "--student", str(student), "--out", str(out), "--preset", "cpu-tiny", *options]
 
