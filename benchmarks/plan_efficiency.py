@@ -8,7 +8,9 @@ figures (DECODE_BANDWIDTH_EFFICIENCY, DECODE_STEP_OVERHEAD_S, TRAINING_MFU). Thi
 random weights of a real architecture loaded as the stages load it (NF4, bf16 compute):
 - decode: transformers `generate` of `--sequences` sequences, forced to two lengths; the time per step is the
   difference over the extra steps, so prefill and set-up cancel. Planned: plan.decode_seconds' per-step term.
-  Implied bandwidth efficiency = bytes a step reads / (measured step - the assumed per-step overhead) / bandwidth.
+  On a small model and a fast card the step is mostly the fixed per-step cost (a 0.5B's weights take ~0.1 ms to read
+  at H200 bandwidth), so what this measures is DECODE_STEP_OVERHEAD_S: implied overhead = measured step - the bytes
+  term. Run it with a larger `--model` (e.g. Qwen/Qwen2.5-7B-Instruct, where time allows) to weigh the bandwidth.
 - training: LoRA steps of the SFT stage as a preset runs it (gradient checkpointing, the fused loss inside the
   forward, bf16 autocast, AdamW); implied MFU = plan.training_flops_per_token x tokens / step time / peak TFLOP/s.
 """
@@ -47,7 +49,7 @@ def decode_step_seconds(lm, sequences: int, prompt: int, lengths: tuple[int, int
     return (times[1] - times[0]) / (lengths[1] - lengths[0])
 
 
-def training_step_seconds(saved: str, model: str, tokens: int, batch_size: int, steps: int, cuda: bool) -> tuple[float, object]:
+def training_step_seconds(saved: str, tokens: int, batch_size: int, steps: int, cuda: bool) -> tuple[float, object]:
     import contextlib
 
     import torch
@@ -98,7 +100,7 @@ def main():
     from budget_reasoner.hardware import card, nearest_card
     from budget_reasoner.memory import KNOWN_CONFIGS, lora_parameters, read_model_shape
     from budget_reasoner.plan import (DECODE_BANDWIDTH_EFFICIENCY, DECODE_STEP_OVERHEAD_S, DTYPE_BYTES, TRAINING_MFU,
-                                      model_bytes, plan_for, training_flops_per_token)
+                                      decode_bytes, plan_for, training_flops_per_token)
 
     cuda = torch.cuda.is_available()
     if args.card:
@@ -126,18 +128,18 @@ def main():
         for sequences in args.sequences:
             measured = decode_step_seconds(lm, sequences, args.prompt, tuple(args.new_tokens), device)
             context = args.prompt + sum(args.new_tokens) / 2
-            step_bytes = model_bytes(shape, plan) + sequences * context * kv_per_token
-            overhead = DECODE_STEP_OVERHEAD_S["transformers"]
-            planned = step_bytes / (chosen.bandwidth_gbs * 1e9 * DECODE_BANDWIDTH_EFFICIENCY["transformers"]) + overhead
+            step_bytes = decode_bytes(shape, plan) + sequences * context * kv_per_token
+            bandwidth_term = step_bytes / (chosen.bandwidth_gbs * 1e9 * DECODE_BANDWIDTH_EFFICIENCY["transformers"])
+            planned = bandwidth_term + DECODE_STEP_OVERHEAD_S["transformers"]
             rows["decode"].append({"sequences": sequences, "measured_step_s": measured, "planned_step_s": planned,
-                                   "measured_over_planned": measured / planned,
-                                   "implied_bandwidth_efficiency": step_bytes / max(1e-9, measured - overhead) / (chosen.bandwidth_gbs * 1e9),
-                                   "assumed_bandwidth_efficiency": DECODE_BANDWIDTH_EFFICIENCY["transformers"]})
+                                   "measured_over_planned": measured / planned, "step_bytes": step_bytes,
+                                   "implied_step_overhead_s": measured - bandwidth_term,
+                                   "assumed_step_overhead_s": DECODE_STEP_OVERHEAD_S["transformers"]})
             print(rows["decode"][-1], flush=True)
         del lm
         if cuda:
             torch.cuda.empty_cache()
-        seconds, train_preset = training_step_seconds(saved, saved, args.train_tokens, args.train_batch, args.steps, cuda)
+        seconds, train_preset = training_step_seconds(saved, args.train_tokens, args.train_batch, args.steps, cuda)
         tokens = args.train_tokens * args.train_batch
         flops = training_flops_per_token(shape, train_preset, "sft", lora_parameters(shape, train_preset)) * tokens
         rows["training"] = {"tokens_per_step": tokens, "step_s": seconds, "implied_mfu": flops / seconds / (chosen.tflops16 * 1e12),

@@ -42,7 +42,6 @@ def main():
     from budget_reasoner.config import load_preset
 
     preset = load_preset(args.preset)
-    started = time.perf_counter()
     rates = cpu_rates(preset, recalibrate=True)
     plan = plan_time_on_cpu(preset, rates)
     print(plan.table(), flush=True)

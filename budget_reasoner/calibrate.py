@@ -38,6 +38,7 @@ from budget_reasoner.sampling import chat_prompt
 # (benchmarks/results/cpu-2core/reproduce.json), median 800.
 TYPICAL_TEACHER_STEPS = 800
 CALIBRATION_STEPS = 8  # per training stage: enough for a per-step time past the first step's warm-up
+CALIBRATION_SCHEMA = 1  # CpuRates' fields: a cached calibration of another schema is measured again
 
 
 @dataclass(frozen=True)
@@ -195,13 +196,14 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
 
 
 def _batches(problems: int, shard_size: int, per_problem: int, batch: int) -> float:
-    """Decode batches (in full-batch equivalents) for `problems` answered `per_problem` times, shard by shard:
-    a batch holds batch // per_problem prompts, and a part-full batch costs its share."""
+    """Decode work in full-batch equivalents for `problems` answered `per_problem` times, shard by shard: the
+    calibration timed a batch of `batch` sequences, and on the CPU a tiny model's batch costs about its size."""
     prompts_per_batch = max(1, batch // per_problem)
     total = 0.0
     for start in range(0, problems, shard_size):
         shard = min(shard_size, problems - start)
-        total += shard * per_problem / (prompts_per_batch * per_problem)
+        full, rest = divmod(shard, prompts_per_batch)
+        total += (full * prompts_per_batch + rest) * per_problem / batch
     return total
 
 
@@ -251,13 +253,17 @@ def calibration_path(preset: Preset) -> Path:
 
     from budget_reasoner.io import digest
 
+    from budget_reasoner import __version__
+
     cache = Path(os.environ.get("BUDGET_REASONER_CACHE", Path.home() / ".cache" / "budget_reasoner"))
-    # the rates depend on shapes, lengths and batch sizes, not on how many problems or steps: a preset with other
-    # counts (a --set, or --max-hours' replanning) reuses them
-    counts = {knob: 0 for knobs in KNOBS.values() for knob in knobs} | {f"{stage}.{name}": 0 for stage in ("sft", "dpo", "distill")
-                                                                        for name in ("max_steps", "save_steps")}
-    key = digest({"preset": load_preset_with(preset, counts | {"pretrain.student_steps": 0, "eval.maj_k": 0}).to_dict(),
-                  "cpus": os.cpu_count(), "torch": torch.__version__})
+    # the rates depend on shapes, lengths and batch sizes, not on how many steps or evaluated problems: a preset with
+    # other counts (a --set, or --max-hours' replanning) reuses them. The training problems stay in the key: the
+    # calibration's SFT set has the run's size (its tokenizing is timed) and its chains set the decode length.
+    counts = {"generate.num_seed_problems": 0, "generate.num_eval_problems": 0, "eval.benchmark_problems": 0,
+              "eval.maj_k": 0, "pretrain.teacher_steps": 1, "pretrain.student_steps": 1}
+    counts |= {f"{stage}.{name}": 1 for stage in ("sft", "dpo", "distill", "grpo") for name in ("max_steps", "save_steps")}
+    key = digest({"preset": load_preset_with(preset, counts).to_dict(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                  "budget_reasoner": __version__, "rates": CALIBRATION_SCHEMA})
     return cache / "calibration" / f"{preset.name}-{key[:16]}.json"
 
 
@@ -270,7 +276,10 @@ def cpu_rates(preset: Preset, recalibrate: bool = False, measure: bool = True) -
 
     path = calibration_path(preset)
     if path.is_file() and not recalibrate:
-        return CpuRates(**json.loads(path.read_text()))
+        try:
+            return CpuRates(**json.loads(path.read_text()))
+        except (ValueError, TypeError):  # cut short, or another version's fields: measure again
+            pass
     if not measure:
         return None
     rates = calibrate(preset)
@@ -302,8 +311,23 @@ def plan_quickstart(preset: Preset, gpu: str | None = None, vram_gib: float | No
     return None if rates is None else plan_time_on_cpu(preset, rates)
 
 
+# Where quickstart leaves each stage's completion record in a run folder (a resumed run skips those stages)
+COMPLETE_RECORDS = {"bootstrap": "models/COMPLETE.json", "generate": "data/COMPLETE.json", "sft": "sft/stage.json",
+                    "dpo": "dpo/stage.json", "cache": "distill/cache/COMPLETE.json", "distill": "distill/stage.json"}
+
+
+def still_to_run(plan: TimePlan, out: Path) -> TimePlan:
+    """`plan` without the stages a (resumed) run folder has already completed."""
+    done = {stage for stage, record in COMPLETE_RECORDS.items() if (Path(out) / record).is_file()}
+    if not done:
+        return plan
+    kept = tuple(stage for stage in plan.stages if stage.stage not in done)
+    return dataclasses.replace(plan, stages=kept, source=f"{plan.source}; {', '.join(sorted(done))} already done in {out}")
+
+
 # What quickstart can turn down when a plan is over budget: the settings each stage's time scales with
-KNOBS = {"bootstrap": ("pretrain.teacher_steps",), "generate": ("generate.num_train_problems", "generate.num_seed_problems"),
+# (none for the bootstrap: its teacher trains to an accuracy target, and fewer steps leave it unable to teach)
+KNOBS = {"bootstrap": (), "generate": ("generate.num_train_problems", "generate.num_seed_problems"),
          "cache": ("generate.num_train_problems", "generate.num_seed_problems"), "sft": ("sft.max_steps",),
          "dpo": ("dpo.max_steps",), "distill": ("distill.max_steps",),
          "eval": ("generate.num_eval_problems", "eval.benchmark_problems")}
@@ -323,7 +347,9 @@ def over_budget(plan: TimePlan, preset: Preset, max_hours: float, replan) -> str
     knobs = [knob for knob in KNOBS.get(top.stage, ()) if _setting(preset, knob) > 0]
     if top.stage == "generate" and not preset.generate.seed_sets:
         knobs = knobs[:1]
-    if not knobs or plan.total_seconds - top.seconds >= budget:
+    if not knobs:
+        return line + f"; {top.stage} has no setting that shortens it safely: choose a smaller preset or a larger budget"
+    if plan.total_seconds - top.seconds >= budget:
         return line + f"; cutting {top.stage} alone cannot bring it under: choose a smaller preset or a larger budget"
     factor = (budget - (plan.total_seconds - top.seconds)) / top.seconds
     for _ in range(20):  # batches and shards round up: shrink until the replanned run fits

@@ -142,13 +142,14 @@ def prepare_for_kbit_training(model, plan: Plan):
 # figures (hardware.CARDS) are scaled by efficiency factors from published throughput numbers until
 # benchmarks/gpu_checks.sh measures them on a lent GPU; the plan says which of the two it used.
 
-# Fraction of the card's memory bandwidth a decode step achieves. vLLM: Databricks' "LLM Inference Performance
-# Engineering: Best Practices" (2023) measures model bandwidth utilization near 60% at small batches on A100s.
-# transformers `generate` over bitsandbytes NF4: its 4-bit matmuls dequantize every weight at every step, and the
-# Python loop adds a fixed cost per step (next line); single-sequence 4-bit decode of a 7B on a T4 is commonly
-# reported at 15-20 tokens/s, i.e. ~0.25 of the 320 GB/s that reading ~4.5 GB of weights per token would allow.
-DECODE_BANDWIDTH_EFFICIENCY = {"transformers": 0.25, "vllm": 0.60}
-DECODE_STEP_OVERHEAD_S = {"transformers": 0.02, "vllm": 0.0}  # Python + kernel launches per step (~28 layers)
+# Fraction of the card's memory bandwidth a decode step achieves, beside a fixed cost per step. vLLM: Databricks'
+# "LLM Inference Performance Engineering: Best Practices" (2023) measures model bandwidth utilization near 60% at
+# small batches on A100s. transformers `generate` over bitsandbytes NF4: its 4-bit matmuls dequantize every weight at
+# every step, and its Python loop costs ~20 ms a step on a ~28-layer model whatever its size; single-sequence NF4
+# decode of a 7B on a T4 is commonly reported at 15-20 tokens/s (50-67 ms a step). A step reads the NF4 layers and
+# the 16-bit LM head (3.35 + 1.09 GB for Qwen2.5-7B: 13.9 ms at 320 GB/s), so 57 ms = 20 ms + 13.9 ms / 0.37.
+DECODE_BANDWIDTH_EFFICIENCY = {"transformers": 0.37, "vllm": 0.60}
+DECODE_STEP_OVERHEAD_S = {"transformers": 0.02, "vllm": 0.0}
 # Model FLOPs utilization of training. Dense LM pre-training reaches 46% (PaLM, Chowdhery et al. 2022) to 55%
 # (MegaScale, 2024) on A100/H100 clusters; QLoRA on one card pays NF4 dequantization in every matmul, small
 # micro-batches and padding: assumed 25% for transformers + peft + bitsandbytes, and 40% for Unsloth, whose
@@ -205,7 +206,7 @@ class TimePlan:
             cost = "" if stage.cost_usd is None else f"{stage.cost_usd:.2f}"
             lines.append(f"{stage.stage:<10}{stage.tokens:>14,}{format_duration(stage.seconds):>11}{cost:>9}  {stage.how}")
         cost = "" if self.cost_usd is None else f"{self.cost_usd:.2f}"
-        lines.append(f"{'total':<10}{sum(s.tokens for s in self.stages):>14,}{format_duration(self.total_seconds):>11}{cost:>9}")
+        lines.append(f"{'total':<10}{'':>14}{format_duration(self.total_seconds):>11}{cost:>9}")  # tokens of unlike kinds
         return "\n".join(lines)
 
 
@@ -228,6 +229,7 @@ class Workload:
     sft_examples: int  # verified chains kept: what the teacher's top-k cache scores
     eval_models: int  # models quickstart evaluates (base, a local teacher, sft, dpo, distill)
     eval_problems: int  # per model: the held-out split and every benchmark sample
+    eval_files: tuple[int, ...]  # ... as the problem files eval answers one by one (held-out, then each benchmark)
     eval_tokens: float  # mean generated tokens per eval answer
     local_teacher: bool
 
@@ -244,12 +246,17 @@ def seed_problem_count(preset) -> int:
     return min(total, preset.generate.num_seed_problems) if preset.generate.num_seed_problems else total
 
 
-def benchmark_problem_count(preset) -> int:
+def benchmark_problem_counts(preset) -> list[int]:
+    """Problems quickstart evaluates on each of the preset's benchmarks (a seeded sample of benchmark_problems)."""
     from budget_reasoner.problems import load_benchmark, parse_problem_source
 
     sizes = [len(load_benchmark(*parse_problem_source(spec))) for spec in preset.eval.benchmarks]
     cap = preset.eval.benchmark_problems
-    return sum(min(size, cap) if cap else size for size in sizes)
+    return [min(size, cap) if cap else size for size in sizes]
+
+
+def benchmark_problem_count(preset) -> int:
+    return sum(benchmark_problem_counts(preset))
 
 
 def workload(preset, teacher: str | None = None, prompt_tokens: float = PROMPT_TOKENS, chain_fill: float = CHAIN_FILL,
@@ -270,25 +277,34 @@ def workload(preset, teacher: str | None = None, prompt_tokens: float = PROMPT_T
         chain_tokens=gen.max_new_tokens * chain_fill, sft_examples=round(problems * kept_per_problem),
         eval_models=3 + 2 * local_teacher,  # base, sft, dpo; a local teacher adds its own eval and distill
         eval_problems=gen.num_eval_problems + benchmark_problem_count(preset),
+        eval_files=(gen.num_eval_problems, *benchmark_problem_counts(preset)),
         eval_tokens=preset.eval.max_new_tokens * eval_fill, local_teacher=local_teacher)
 
 
-def decode_seconds(shape, plan: Plan, card, engine: str, sequences: int, batch: int, max_new_tokens: int,
-                   mean_new_tokens: float, prompt_tokens: float) -> float:
-    """Decode time. transformers' generate runs a batch until its longest sequence stops (planned at
-    max_new_tokens: with several samples per problem one usually runs long); a server with continuous batching
-    (vLLM) keeps `batch` sequences in flight and generates only the tokens asked for. Each step reads the weights
-    and every sequence's KV cache (bandwidth) and does 2 x parameters FLOPs per sequence (compute): the slower."""
+def decode_batches(problem_counts: list[int], shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
+    """(batches, sequences in a full batch) as sampling/local.generate_texts runs them: each problem file a shard
+    (`shard_size` problems) at a time, `batch_size // num_samples` prompts (all their samples) per batch."""
     import math
 
-    weight_bytes = model_bytes(shape, plan)
+    prompts_per_batch = max(1, batch_size // num_samples)
+    batches = sum(math.ceil(min(shard_size, count - start) / prompts_per_batch)
+                  for count in problem_counts for start in range(0, count, shard_size))
+    return batches, prompts_per_batch * num_samples
+
+
+def decode_seconds(shape, plan: Plan, card, engine: str, batches: int, in_flight: int, max_new_tokens: int,
+                   mean_new_tokens: float, prompt_tokens: float, sequences: int) -> float:
+    """Decode time of `sequences` sequences. transformers' generate runs each of its `batches` (of up to `in_flight`
+    sequences) until its longest sequence stops (planned at max_new_tokens: with several samples per problem one
+    usually runs long); a server with continuous batching (vLLM) keeps `in_flight` sequences going and generates
+    only the tokens asked for. A step reads the weights and every sequence's KV cache (bandwidth) and does
+    2 x parameters FLOPs per sequence (compute): the slower of the two, plus the engine's fixed cost per step."""
     kv_per_token = 2 * shape.layers * shape.kv_dim * DTYPE_BYTES[plan.compute_dtype]
     if engine == "transformers":
-        steps, in_flight, context = math.ceil(sequences / batch) * max_new_tokens, batch, prompt_tokens + max_new_tokens / 2
+        steps, context = batches * max_new_tokens, prompt_tokens + max_new_tokens / 2
     else:
-        in_flight = batch
         steps, context = sequences * mean_new_tokens / in_flight, prompt_tokens + mean_new_tokens / 2
-    step_bytes = weight_bytes + in_flight * context * kv_per_token
+    step_bytes = decode_bytes(shape, plan) + in_flight * context * kv_per_token
     step_flops = 2 * shape.parameters * in_flight
     step = max(step_bytes / (card.bandwidth_gbs * 1e9 * DECODE_BANDWIDTH_EFFICIENCY[engine]),
                step_flops / (card.tflops16 * 1e12 * SCORING_MFU)) + DECODE_STEP_OVERHEAD_S[engine]
@@ -296,22 +312,23 @@ def decode_seconds(shape, plan: Plan, card, engine: str, sequences: int, batch: 
     return steps * step + prefill
 
 
-def model_bytes(shape, plan: Plan) -> float:
-    """Bytes a forward reads: NF4 linear weights (4.127 bits with their scales) + 16-bit embeddings/head, or all 16-bit."""
+def decode_bytes(shape, plan: Plan) -> float:
+    """Weight bytes one decode step reads: every linear layer (NF4: 4.127 bits with its scales) and the LM head; the
+    input embedding is a lookup of one row per sequence, not a read of the matrix."""
     compute = DTYPE_BYTES[plan.compute_dtype]
-    if plan.four_bit:
-        return shape.linear_parameters * 4.127 / 8 + shape.embedding_parameters * compute
-    return shape.parameters * compute
+    linear = shape.linear_parameters * (4.127 / 8 if plan.four_bit else compute)
+    return linear + shape.vocab * shape.hidden * compute
 
 
-def training_flops_per_token(shape, preset, stage: str, lora_parameters: int) -> float:
+def training_flops_per_token(shape, preset, stage: str, lora_parameters: int, sequence: float | None = None) -> float:
     """LoRA over a frozen base: forward 2P, backward 2P (input gradients only: the base is frozen), +2P recomputed
     under gradient checkpointing, and 6 x the LoRA parameters; the LM head is a P of vocab x hidden; attention's
-    score matmuls add 4 x layers x hidden x context per pass. DPO also runs the reference model forward (2P)."""
+    score matmuls add 4 x layers x hidden x context per pass (the mean context of a `sequence`-token sequence). DPO
+    also runs the reference model forward (2P)."""
     settings = getattr(preset, stage)
     matmul_parameters = shape.linear_parameters + shape.vocab * shape.hidden
     passes = 4 + (2 if settings.gradient_checkpointing else 0) + (2 if stage == "dpo" else 0)
-    attention = 4 * shape.layers * shape.hidden * preset.model.max_length / 2 * passes / 2
+    attention = 4 * shape.layers * shape.hidden * (sequence or preset.model.max_length) / 2 * passes / 2
     return passes * matmul_parameters + 6 * lora_parameters + attention
 
 
@@ -328,10 +345,8 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
     supports_bf16 = card.capability >= (8, 0)
     gen, ev = preset.generate, preset.eval
 
-    def priced(stage: str, tokens: float, seconds: float, how: str, extra_cost: float = 0.0) -> StageTime:
+    def priced(stage: str, tokens: float, seconds: float, how: str) -> StageTime:
         cost = None if gpu_hour_price is None else seconds / 3600 * gpu_hour_price
-        if extra_cost:
-            cost = (cost or 0.0) + extra_cost
         return StageTime(stage, int(tokens), seconds, how, cost)
 
     stages = []
@@ -339,13 +354,14 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
     if work.local_teacher:
         teacher_shape = read_model_shape(teacher)
         generate_plan = plan_for(preset, "generate", device, backend, supports_bf16)
-        seconds = decode_seconds(teacher_shape, generate_plan, card, "transformers", work.chains, gen.batch_size,
-                                 gen.max_new_tokens, work.chain_tokens, work.prompt_tokens)
+        batches, in_flight = decode_batches([work.train_problems], gen.shard_size, gen.batch_size, gen.samples_per_problem)
+        seconds = decode_seconds(teacher_shape, generate_plan, card, "transformers", batches, in_flight, gen.max_new_tokens,
+                                 work.chain_tokens, work.prompt_tokens, work.chains)
         # the same chains from a vLLM server on this card: continuous batching at generate.concurrency in flight
-        served = decode_seconds(teacher_shape, generate_plan, card, "vllm", work.chains, gen.concurrency,
-                                gen.max_new_tokens, work.chain_tokens, work.prompt_tokens)
+        served = decode_seconds(teacher_shape, generate_plan, card, "vllm", batches, gen.concurrency, gen.max_new_tokens,
+                                work.chain_tokens, work.prompt_tokens, work.chains)
         stages.append(priced("generate", generated, seconds, f"{work.chains:,} chains, transformers generate: "
-                             f"batches of {gen.batch_size} run to max_new_tokens, bandwidth-bound; a vLLM server "
+                             f"{batches:,} batches of {in_flight} run to max_new_tokens, bandwidth-bound; a vLLM server "
                              f"(README: A teacher on a server) would be ~{seconds / served:.0f}x faster"))
     else:
         api_cost = 0.0
@@ -368,16 +384,25 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
             flops = 2 * (teacher_shape.linear_parameters + teacher_shape.vocab * teacher_shape.hidden) * cache_tokens
             stages.append(priced("cache", cache_tokens, flops / (card.tflops16 * 1e12 * SCORING_MFU),
                                  f"teacher forward over {work.sft_examples:,} verified chains, FLOP-bound"))
-        flops = training_flops_per_token(student, preset, stage, lora) * tokens
+        flops = training_flops_per_token(student, preset, stage, lora, sequence) * tokens
         stages.append(priced(stage, tokens, flops / (card.tflops16 * 1e12 * mfu),
                              f"{settings.max_steps} steps x {sequences // settings.max_steps} sequences of "
                              f"~{sequence:.0f} tokens, FLOP-bound at {mfu:.0%} MFU"))
-    eval_sequences = work.eval_problems * (1 + (ev.maj_k if ev.maj_k > 1 else 0))
+    samples = ev.maj_k if ev.maj_k > 1 else 0
+    eval_sequences = work.eval_problems * (1 + samples)
     eval_plan = plan_for(preset, "eval", device, backend, supports_bf16)
+    # per problem file and shard: the greedy answers, then the samples (eval/run.py)
+    greedy_batches, greedy_in_flight = decode_batches(list(work.eval_files), gen.shard_size, ev.batch_size, 1)
+    sample_batches, sample_in_flight = (decode_batches(list(work.eval_files), gen.shard_size, ev.batch_size, samples)
+                                        if samples else (0, 0))
 
     def eval_seconds(shape) -> float:
-        return decode_seconds(shape, eval_plan, card, "transformers", eval_sequences, ev.batch_size, ev.max_new_tokens,
-                              work.eval_tokens, work.prompt_tokens)
+        seconds = decode_seconds(shape, eval_plan, card, "transformers", greedy_batches, greedy_in_flight,
+                                 ev.max_new_tokens, work.eval_tokens, work.prompt_tokens, work.eval_problems)
+        if samples:
+            seconds += decode_seconds(shape, eval_plan, card, "transformers", sample_batches, sample_in_flight,
+                                      ev.max_new_tokens, work.eval_tokens, work.prompt_tokens, work.eval_problems * samples)
+        return seconds
 
     # the student's evals (base, sft, dpo, distill), and a local teacher's own, which reads the bigger model
     seconds = (work.eval_models - work.local_teacher) * eval_seconds(student)

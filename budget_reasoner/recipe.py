@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from budget_reasoner.calibrate import over_budget, plan_quickstart
+from budget_reasoner.calibrate import over_budget, plan_quickstart, still_to_run
 from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import evaluate, load_for_inference
@@ -140,8 +140,12 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     out = Path(out)
     plan = plan_quickstart(preset, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
     if plan is not None:
+        plan = still_to_run(plan, out)
         say(plan.table())
-        replan = functools.partial(plan_quickstart, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
+
+        def replan(changed: Preset):
+            return still_to_run(plan_quickstart(changed, gpu_hour_price=gpu_hour_price, measure=True), out)
+
         if max_hours is not None and (verdict := over_budget(plan, preset, max_hours, replan)):
             raise BudgetReasonerError(verdict)
     claim_run_folder(out, preset, domain, overwrite)

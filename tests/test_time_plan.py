@@ -15,24 +15,33 @@ from tests.conftest import PROJECT_DATA, TINY, invoke, one_error_line
 
 
 def test_generate_time_by_hand_on_a_t4():
-    """Qwen2.5-7B, NF4, fp16 on a T4 (320 GB/s, 65 TFLOP/s): 2 batches x 10 steps, from its config.json by hand."""
+    """Qwen2.5-7B, NF4, fp16 on a T4 (320 GB/s, 65 TFLOP/s): 10 problems x 4 samples in batches of 5 problems
+    (20 sequences), 10 steps each, from its config.json by hand."""
     preset = load_preset("t4-16gb", {"generate.num_train_problems": 10, "generate.num_seed_problems": 0,
                                      "generate.seed_sets": [], "generate.samples_per_problem": 4,
-                                     "generate.batch_size": 20, "generate.max_new_tokens": 10})
+                                     "generate.batch_size": 22, "generate.max_new_tokens": 10})
     config = json.loads((PROJECT_DATA / "model_configs" / "Qwen2.5-7B-Instruct.json").read_text())
     h, i, layers, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
-    embeddings = 2 * v * h  # untied: embed_tokens + lm_head, fp16
-    weight_bytes = linear * 4.127 / 8 + embeddings * 2
+    weight_bytes = linear * 4.127 / 8 + v * h * 2  # NF4 layers + the fp16 LM head (the embedding is only looked up)
     kv_bytes = 20 * (120 + 10 / 2) * 2 * layers * kv * 2  # 20 sequences at a mean context of prompt + 5
-    step = (weight_bytes + kv_bytes) / (320e9 * 0.25) + 0.02  # bandwidth-bound: 2 x params x 20 FLOPs is far less
-    prefill = 2 * (linear + embeddings) * 40 * 120 / (65e12 * 0.35)
+    step = (weight_bytes + kv_bytes) / (320e9 * 0.37) + 0.02  # bandwidth-bound: 2 x params x 20 FLOPs is far less
+    prefill = 2 * (linear + 2 * v * h) * 40 * 120 / (65e12 * 0.35)
     plan = plan_time_on_card(preset, card("t4"))
     generate = next(stage for stage in plan.stages if stage.stage == "generate")
-    assert generate.seconds == pytest.approx(2 * 10 * step + prefill, rel=1e-9)
+    assert generate.seconds == pytest.approx(2 * 10 * step + prefill, rel=1e-9)  # batch 22 holds 5 problems' 20
     assert generate.tokens == int(40 * 10 * 0.4)
     assert "vLLM server" in generate.how
+
+
+def test_eval_batches_follow_the_files_and_shards_eval_answers():
+    from budget_reasoner.plan import decode_batches
+
+    # held-out 300 + a benchmark's 200, shards of 250, batch 64: greedy 64 prompts a batch, 4 samples 16 prompts
+    assert decode_batches([300, 200], 250, 64, 1) == (4 + 1 + 4, 64)  # 250 -> 4, 50 -> 1, 200 -> 4
+    assert decode_batches([300, 200], 250, 64, 4) == (16 + 4 + 13, 64)
+    assert decode_batches([10], 250, 3, 4) == (10, 4)  # a batch smaller than the samples still holds one problem
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_CARDS))
@@ -71,7 +80,7 @@ def test_over_budget_names_the_dominant_stage_and_settings_that_fit():
     plan = plan_quickstart(preset)
     assert over_budget(plan, preset, plan.total_seconds / 3600 + 1, plan_quickstart) is None
     line = over_budget(plan, preset, 6, plan_quickstart)
-    assert f"{plan.dominant().stage} dominates" in line and "6" in line
+    assert f"{plan.dominant().stage} dominates" in line and "over --max-hours 6:" in line
     settings = dict(re.findall(r"--set (\S+)=(\d+)", line))
     assert settings, line
     fixed = load_preset("t4-16gb", {key: int(value) for key, value in settings.items()})
@@ -102,3 +111,29 @@ def test_cpu_calibration_measures_this_machine_and_gates_quickstart(tmp_path):
                                  "--out", out, "--max-hours", "0.00001"))
     assert "over --max-hours" in line and "dominates" in line
     assert not out.exists()
+
+
+def test_the_calibration_is_reused_for_other_counts_and_redone_for_other_shapes():
+    from budget_reasoner.calibrate import calibration_path
+
+    preset = load_preset("cpu-tiny")
+    same = [load_preset("cpu-tiny", {"sft.max_steps": 5}), load_preset("cpu-tiny", {"generate.num_eval_problems": 7}),
+            load_preset("cpu-tiny", {"pretrain.teacher_steps": 900})]
+    other = [load_preset("cpu-tiny", {"generate.batch_size": 256}), load_preset("cpu-tiny", {"model.max_length": 80}),
+             load_preset("cpu-tiny", {"generate.num_train_problems": 500}), load_preset("cpu-tiny", {"lora.r": 8})]
+    assert all(calibration_path(p) == calibration_path(preset) for p in same)
+    assert all(calibration_path(p) != calibration_path(preset) for p in other)
+
+
+def test_a_resumed_run_is_planned_without_its_finished_stages(tmp_path):
+    from budget_reasoner.calibrate import still_to_run
+
+    plan = plan_time_on_card(load_preset("t4-16gb"), card("t4"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "COMPLETE.json").write_text("{}")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "stage.json").write_text("{}")
+    left = still_to_run(plan, tmp_path)
+    assert [stage.stage for stage in left.stages] == ["dpo", "cache", "distill", "eval"]
+    assert left.total_seconds == pytest.approx(plan.total_seconds - sum(s.seconds for s in plan.stages
+                                                                        if s.stage in ("generate", "sft")))
