@@ -29,6 +29,7 @@ import torch
 
 from budget_reasoner.config import Preset
 from budget_reasoner.domains import math as math_domain
+from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import write_jsonl
 from budget_reasoner.plan import StageTime, TimePlan, workload
 from budget_reasoner.progress import say
@@ -289,10 +290,11 @@ def cpu_rates(preset: Preset, recalibrate: bool = False, measure: bool = True) -
 
 def plan_quickstart(preset: Preset, gpu: str | None = None, vram_gib: float | None = None, teacher: str | None = None,
                     gpu_hour_price: float | None = None, token_price: tuple[float, float] | None = None,
-                    recalibrate: bool = False, measure: bool = True) -> TimePlan | None:
+                    recalibrate: bool = False, measure: bool = True, gpus: int = 1, replicas: int = 0) -> TimePlan | None:
     """The time (and cost) plan of quickstart under `preset`: on a named card (`gpu`, or the table's card nearest
     `vram_gib`, or the CUDA card here) from the analytic model; on the CPU, from this machine's calibration
-    (None if `measure` is off and none is cached)."""
+    (None if `measure` is off and none is cached). `gpus`, `replicas`: data-parallel training cards and vLLM
+    teacher replicas (plan.plan_time_on_card); GPU plans only."""
     from budget_reasoner.hardware import card, card_for_preset, nearest_card
     from budget_reasoner.plan import plan_time_on_card
 
@@ -306,7 +308,11 @@ def plan_quickstart(preset: Preset, gpu: str | None = None, vram_gib: float | No
                                   torch.cuda.get_device_properties(0).name)
         else:
             chosen = card_for_preset(preset)
-        return plan_time_on_card(preset, chosen, teacher=teacher, gpu_hour_price=gpu_hour_price, token_price=token_price)
+        return plan_time_on_card(preset, chosen, teacher=teacher, gpu_hour_price=gpu_hour_price, token_price=token_price,
+                                 gpus=gpus, replicas=replicas)
+    if gpus > 1 or replicas:
+        raise BudgetReasonerError(f"--gpus and --replicas plan GPU cards, and preset {preset.name} plans this CPU; add "
+                                  f"--gpu NAME (e.g. --gpu a100-80gb) or pick a GPU preset")
     rates = cpu_rates(preset, recalibrate, measure)
     return None if rates is None else plan_time_on_cpu(preset, rates)
 

@@ -385,14 +385,24 @@ def vram(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     stage: str = typer.Option("sft", help="sft, dpo, distill (training), generate, cache (the teacher) or eval."),
     vram_gb: Optional[float] = typer.Option(None, min=0, help="Card memory in GiB (default: the preset's)."),
+    gpus: int = typer.Option(1, min=1, help="Training on this many cards: the memory of each (see --strategy)."),
+    strategy: str = typer.Option("ddp", help="With --gpus: ddp (a full replica per card) or fsdp (weights, adapter "
+                                             "and optimizer state sharded across the cards)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
-    from budget_reasoner.memory import TRAINING_STAGES, estimate_stage, longest_sequence, read_model_shape, teacher_cache_batch
+    from budget_reasoner.memory import (TRAINING_STAGES, estimate_stage, estimate_training_memory_per_gpu, longest_sequence,
+                                        read_model_shape, teacher_cache_batch)
 
     settings = _preset(preset, set_, runs_models=False)
     model, estimate = estimate_stage(settings, stage, model)
     shape = read_model_shape(model)
+    if gpus > 1 or strategy != "ddp":
+        if stage not in TRAINING_STAGES:
+            raise BudgetReasonerError(f"--gpus and --strategy are for the training stages ({', '.join(TRAINING_STAGES)}); "
+                                      f"{stage} runs in one process")
+        estimate = estimate_training_memory_per_gpu(shape, settings, stage, gpus, strategy)
+        typer.echo(f"per GPU, {gpus} GPUs, {strategy}:")
     batch = teacher_cache_batch(settings) if stage == "cache" else getattr(settings, stage).batch_size
     typer.echo(f"{model} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, stage {stage}, "
                f"{settings.model.max_length} tokens x batch {batch}")
@@ -415,6 +425,10 @@ def plan_command(
     token_price: Optional[str] = typer.Option(None, help="An API teacher's USD per million tokens, prompt,completion."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="On the CPU: measure again, not the cached calibration."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON: {stages: [...], total_seconds}."),
+    gpus: int = typer.Option(1, min=1, help="Train data-parallel on this many such cards (accelerate / torchrun): "
+                                            "training time divided by it at 90% efficiency (assumed)."),
+    replicas: int = typer.Option(0, min=0, help="The teacher served by this many vLLM replicas (each on such a "
+                                                "card): generate planned as served, with the concurrency to keep them busy."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """How long (and how much) quickstart will take on a card, stage by stage, before anything runs."""
@@ -423,7 +437,8 @@ def plan_command(
     settings = _preset(preset, set_, runs_models=False)
     from budget_reasoner.calibrate import plan_quickstart
 
-    plan = plan_quickstart(settings, gpu, vram_gib, teacher, gpu_hour_price, _token_price(token_price), recalibrate)
+    plan = plan_quickstart(settings, gpu, vram_gib, teacher, gpu_hour_price, _token_price(token_price), recalibrate,
+                           gpus=gpus, replicas=replicas)
     typer.echo(json.dumps(plan.to_dict(), indent=2) if json_output else plan.table())
 
 

@@ -177,6 +177,46 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     return _with_cuda_overheads(estimate, device)
 
 
+STRATEGIES = ("ddp", "fsdp")
+# FSDP2 gathers the next decoder layer's weights while computing this one (its forward and backward prefetch): two
+# layers are whole at a time beside the shards (torch.distributed.fsdp.fully_shard, reshard_after_forward=True)
+FSDP_GATHERED_LAYERS = 2
+
+
+def estimate_training_memory_per_gpu(shape: ModelShape, preset: Preset, stage: str = "sft", gpus: int = 1,
+                                     strategy: str = "ddp", plan: Plan | None = None) -> MemoryEstimate:
+    """Peak memory on each of `gpus` cards training `stage` data-parallel (batch_size is per device, so a card's
+    activations and logits are the one-card figure whatever the number of cards).
+
+    "ddp": every card holds the whole model (a full replica) and its own optimizer state, plus DDP's gradient
+    buckets, a copy of the trainable gradients that the all-reduce runs over. "fsdp" (FSDP2, presets/accelerate/
+    fsdp2-qlora.yaml): the decoder layers' weights and the trainable weights, gradients and optimizer state are
+    split across the cards; FSDP_GATHERED_LAYERS layers are whole at a time, and the root unit (embeddings, LM
+    head) stays whole through the step."""
+    if strategy not in STRATEGIES:
+        raise BudgetReasonerError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if gpus < 1:
+        raise BudgetReasonerError(f"--gpus must be at least 1, got {gpus}")
+    plan = plan or plan_for(preset, stage, "cuda")
+    one_card = estimate_training_memory(shape, preset, stage, "cuda", plan)
+    if gpus == 1:
+        return one_card
+    parts = {name: value for name, value in one_card.parts.items()
+             if name not in ("allocator slack (5%)", "CUDA context + workspaces")}  # recomputed below
+    lora = "LoRA weights + grads + optimizer"
+    if strategy == "ddp":
+        parts["DDP gradient buckets"] = lora_parameters(shape, preset) * DTYPE_BYTES[plan.lora_dtype]
+    else:
+        layer_bytes = (4.127 / 8 if plan.four_bit else DTYPE_BYTES[plan.compute_dtype]) * shape.linear_parameters
+        weights = "base weights (NF4)" if plan.four_bit else "base weights"
+        parts[weights] -= layer_bytes * (1 - 1 / gpus)  # the embeddings (in "base weights" when unquantized) stay whole
+        parts[f"{weights}: gathered layers (FSDP, {FSDP_GATHERED_LAYERS})"] = \
+            layer_bytes / shape.layers * min(FSDP_GATHERED_LAYERS, shape.layers)
+        parts[lora] = parts[lora] / gpus
+        parts = {(f"{name} (1/{gpus} shard)" if name in (weights, lora) else name): value for name, value in parts.items()}
+    return _with_cuda_overheads(MemoryEstimate(parts), "cuda")
+
+
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py (TOKEN_CHUNK_SIZE; the trainer's chunk_size)
 TRL_CPU_TILE_COPIES = 8  # fp32 tile-sized temporaries of its torch fallback's backward (measured: 7.8; forward 3.9)
 

@@ -164,6 +164,12 @@ CHAIN_FILL = 0.4
 TEACHER_PASS_RATE = 0.8
 PROMPT_TOKENS = 120
 BATCH_PADDING = 1.2
+# Data parallelism on one node (`--gpus N`: DDP, or FSDP2, through presets/accelerate/): the fraction of N cards'
+# throughput a training step keeps after the gradient all-reduce and the stragglers. Assumed 0.9, not measured:
+# the PyTorch DDP paper (Li et al., VLDB 2020) reports near-linear scaling for data-parallel training on NVLink
+# nodes, and a LoRA's all-reduce is small next to the step; FSDP's per-layer gathers cost more when the
+# interconnect is PCIe. benchmarks/multi_process.py measures only the CPU's 2-process case.
+DATA_PARALLEL_EFFICIENCY = 0.9
 
 
 @dataclass(frozen=True)
@@ -334,8 +340,19 @@ def training_flops_per_token(shape, preset, stage: str, lora_parameters: int, se
 
 def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str | None = None,
                       gpu_hour_price: float | None = None, token_price: tuple[float, float] | None = None,
-                      source: str = "spec sheet x published efficiency factors (not measured on this card)") -> TimePlan:
-    """The analytic plan of a quickstart of `preset` on `card` (hardware.Card): every stage's tokens, seconds, cost."""
+                      source: str = "spec sheet x published efficiency factors (not measured on this card)",
+                      gpus: int = 1, replicas: int = 0) -> TimePlan:
+    """The analytic plan of a quickstart of `preset` on `card` (hardware.Card): every stage's tokens, seconds, cost.
+
+    `gpus` > 1: the training stages' tokens are split over that many such cards (data parallel, the preset's
+    per-device batch; keep the effective batch by dividing grad_accum or max_steps by it) at
+    DATA_PARALLEL_EFFICIENCY; generate, cache and eval run in one process as they do today. `replicas` > 0: the
+    teacher's chains come from that many vLLM servers, each on a card like `card`, sharing generate.concurrency
+    requests in flight (a teacher bigger than one card needs tensor parallelism: see the README)."""
+    if gpus < 1 or replicas < 0:
+        from budget_reasoner.errors import BudgetReasonerError
+
+        raise BudgetReasonerError(f"--gpus must be at least 1 and --replicas at least 0, got {gpus} and {replicas}")
     from budget_reasoner.memory import lora_parameters, read_model_shape
 
     teacher = teacher or preset.model.teacher
@@ -345,8 +362,8 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
     supports_bf16 = card.capability >= (8, 0)
     gen, ev = preset.generate, preset.eval
 
-    def priced(stage: str, tokens: float, seconds: float, how: str) -> StageTime:
-        cost = None if gpu_hour_price is None else seconds / 3600 * gpu_hour_price
+    def priced(stage: str, tokens: float, seconds: float, how: str, cards: int = 1) -> StageTime:
+        cost = None if gpu_hour_price is None else seconds / 3600 * gpu_hour_price * cards  # every card is paid for
         return StageTime(stage, int(tokens), seconds, how, cost)
 
     stages = []
@@ -360,15 +377,23 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
         # the same chains from a vLLM server on this card: continuous batching at generate.concurrency in flight
         served = decode_seconds(teacher_shape, generate_plan, card, "vllm", batches, gen.concurrency, gen.max_new_tokens,
                                 work.chain_tokens, work.prompt_tokens, work.chains)
-        stages.append(priced("generate", generated, seconds, f"{work.chains:,} chains, transformers generate: "
-                             f"{batches:,} batches of {in_flight} run to max_new_tokens, bandwidth-bound; a vLLM server "
-                             f"(README: A teacher on a server) would be ~{seconds / served:.0f}x faster"))
+        if replicas:
+            stages.append(served_generate(teacher_shape, generate_plan, card, work, gen, replicas, priced))
+        else:
+            stages.append(priced("generate", generated, seconds, f"{work.chains:,} chains, transformers generate: "
+                                 f"{batches:,} batches of {in_flight} run to max_new_tokens, bandwidth-bound; a vLLM "
+                                 f"server (README: A teacher on a server) would be ~{seconds / served:.0f}x faster"))
+    elif replicas and (server_shape := _known_shape(teacher.removeprefix("openai:"))) is not None:
+        stages.append(served_generate(server_shape, plan_for(preset, "generate", device, backend, supports_bf16), card,
+                                      work, gen, replicas, priced))
     else:
         api_cost = 0.0
         if token_price:
             api_cost = (work.chains * work.prompt_tokens * token_price[0] + generated * token_price[1]) / 1e6
+        unknown = (f"; --replicas needs the served model's shape: a local folder, or a config in data/model_configs"
+                   if replicas else "")
         stages.append(StageTime("generate", int(generated), 0.0, f"{work.chains:,} chains from the server; its time "
-                                f"and card are not this plan's (a vLLM server: see `plan --teacher`)",
+                                f"and card are not this plan's (a vLLM server: see `plan --teacher`){unknown}",
                                 api_cost if token_price else None))
     lora = lora_parameters(student, preset)
     sequence = work.training_sequence(preset)
@@ -385,9 +410,12 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
             stages.append(priced("cache", cache_tokens, flops / (card.tflops16 * 1e12 * SCORING_MFU),
                                  f"teacher forward over {work.sft_examples:,} verified chains, FLOP-bound"))
         flops = training_flops_per_token(student, preset, stage, lora, sequence) * tokens
-        stages.append(priced(stage, tokens, flops / (card.tflops16 * 1e12 * mfu),
-                             f"{settings.max_steps} steps x {sequences // settings.max_steps} sequences of "
-                             f"~{sequence:.0f} tokens, FLOP-bound at {mfu:.0%} MFU"))
+        how = (f"{settings.max_steps} steps x {sequences // settings.max_steps} sequences of ~{sequence:.0f} tokens, "
+               f"FLOP-bound at {mfu:.0%} MFU")
+        speedup = gpus * DATA_PARALLEL_EFFICIENCY if gpus > 1 else 1.0
+        if gpus > 1:
+            how += f"; split over {gpus} GPUs at {DATA_PARALLEL_EFFICIENCY:.0%} data-parallel efficiency (assumed)"
+        stages.append(priced(stage, tokens, flops / (card.tflops16 * 1e12 * mfu) / speedup, how, cards=gpus))
     samples = ev.maj_k if ev.maj_k > 1 else 0
     eval_sequences = work.eval_problems * (1 + samples)
     eval_plan = plan_for(preset, "eval", device, backend, supports_bf16)
@@ -411,3 +439,36 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
                          f"{work.eval_models} models x {work.eval_problems:,} problems x {eval_sequences // work.eval_problems} "
                          f"answers, bandwidth-bound"))
     return TimePlan(preset.name, f"{card.name} ({card.total_gib:g} GiB)", source, tuple(stages))
+
+
+def busy_concurrency(shape, plan: Plan, card) -> int:
+    """Sequences in flight at which a vLLM decode step on `card` turns from bandwidth- to compute-bound: below it,
+    each extra sequence rides on the same read of the weights almost free; above it, steps slow down. What one
+    replica's share of generate.concurrency should reach to keep it busy (its KV cache permitting)."""
+    read_seconds = decode_bytes(shape, plan) / (card.bandwidth_gbs * 1e9 * DECODE_BANDWIDTH_EFFICIENCY["vllm"])
+    return max(1, int(read_seconds * card.tflops16 * 1e12 * SCORING_MFU / (2 * shape.parameters)))
+
+
+def served_generate(shape, plan: Plan, card, work: Workload, gen, replicas: int, priced) -> StageTime:
+    """The teacher's chains from `replicas` vLLM servers on cards like `card`: continuous batching, the client's
+    generate.concurrency requests spread evenly over them, each replica generating its share of the chains."""
+    per_replica = max(1, gen.concurrency // replicas)
+    seconds = decode_seconds(shape, plan, card, "vllm", 0, per_replica, gen.max_new_tokens, work.chain_tokens,
+                             work.prompt_tokens, work.chains / replicas)
+    busy = busy_concurrency(shape, plan, card)
+    advice = (f"; raise generate.concurrency to ~{busy * replicas} to keep them busy" if per_replica < busy
+              else "")
+    return priced("generate", work.chains * work.chain_tokens, seconds,
+                  f"{work.chains:,} chains from {replicas} vLLM replica(s) on {card.name}, {per_replica} in flight each "
+                  f"(generate.concurrency {gen.concurrency}; a replica is busy from ~{busy}){advice}", cards=replicas)
+
+
+def _known_shape(model: str):
+    """A server model's shape when its config is shipped in data/model_configs or is a local folder; else None."""
+    import json
+    from pathlib import Path
+
+    from budget_reasoner.memory import KNOWN_CONFIGS, read_model_shape
+
+    index = json.loads((KNOWN_CONFIGS / "index.json").read_text())
+    return read_model_shape(model) if model in index or Path(model).is_dir() else None
