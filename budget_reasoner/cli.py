@@ -51,6 +51,11 @@ def friendly_errors(command):
             typer.echo("interrupted: finished shards and checkpoints are kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
         except Exception as error:
+            from budget_reasoner.distributed import lost_a_peer
+
+            if (line := lost_a_peer(error)) is not None:  # another rank died: not this one's bug
+                typer.echo(f"error: {line}", err=True)
+                raise typer.Exit(2) from None
             if not disk_is_full(error, out):
                 raise  # a bug: keep its traceback
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -63,11 +68,12 @@ def friendly_errors(command):
 
 def _rank_zero_prints():
     """Under torchrun / accelerate launch, only rank 0's results reach stdout (one line per run, not per rank);
-    errors (stderr) are every rank's own."""
+    errors (stderr) are every rank's own, and the launcher stopping a rank is one of them."""
     import os
 
-    from budget_reasoner.distributed import is_main_process
+    from budget_reasoner.distributed import is_main_process, stop_with_the_launcher
 
+    stop_with_the_launcher()
     if is_main_process():
         return contextlib.nullcontext()
     return contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115 - closed with the process

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 
 from budget_reasoner.errors import BudgetReasonerError
 
@@ -128,3 +129,41 @@ def check_enough_examples(count: int, what: str) -> None:
             f"{count} {what} cannot feed {world_size()} processes (each needs at least one of its own); launch at most "
             f"{count} processes, or use more data"
         )
+
+
+def stop_with_the_launcher() -> None:
+    """Under a launch, end with one line when the launcher stops this process. torchrun (and accelerate launch,
+    which runs it) sends SIGTERM to every process once one of them failed or was killed, and waits ~30 s before
+    SIGKILL: raised as an error, the stage's session is still recorded and the CLI says what was kept. A
+    checkpoint being written at that moment is left incomplete, and set aside when the run resumes."""
+    if not is_distributed():
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise BudgetReasonerError(
+            f"rank {rank()} stopped by the launcher: another process of this run failed or was killed (the "
+            f"launcher's report names it); complete checkpoints are kept: run the same command again to resume"
+        )
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+# What gloo and NCCL raise in a collective whose peer is gone (killed, crashed, its machine lost)
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Socket Timeout", "Timed out waiting")
+
+
+def lost_a_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run is gone, else None (a bug)."""
+    if not is_distributed():
+        return None
+    import torch.distributed as dist
+
+    message = str(error)
+    if not (isinstance(error, dist.DistBackendError) or isinstance(error, RuntimeError)
+            and any(sign in message for sign in PEER_LOST)):
+        return None
+    first = message.splitlines()[0] if message else type(error).__name__
+    return (f"rank {rank()} lost another process of this run mid-step ({first[:160]}); the launcher's report names "
+            f"it; complete checkpoints are kept: run the same command again to resume")

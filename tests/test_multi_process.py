@@ -72,3 +72,51 @@ def test_more_processes_than_examples_is_refused_in_one_line(two_runs, tmp_path)
     assert "1 chains in" in errors[0] and "cannot feed 2 processes" in errors[0]
     assert "budget_reasoner/" not in result.stderr  # no traceback through our code (torchrun prints its own summary)
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_one_line_and_the_run_resumes(two_runs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.multi_process import SETTINGS
+
+    root, _, _ = two_runs
+    out = tmp_path / "killed"
+    settings = {**SETTINGS, "sft.max_steps": 80, "sft.save_steps": 20}
+    command = torchrun(PROCESSES) + cli() + sft_command(root / "student-base", root / "sft.jsonl", out, 1, settings)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "BUDGET_REASONER_QUIET": "1"}
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    checkpoint = out / "checkpoints" / "checkpoint-20" / "trainer_state.json"
+    while not checkpoint.exists() and launch.poll() is None:
+        time.sleep(0.1)
+    assert launch.poll() is None, "the run ended before its first checkpoint"
+    os.kill(rank_pid(1, out), signal.SIGKILL)  # as the OOM killer would
+    _, stderr = launch.communicate(timeout=120)
+    assert launch.returncode != 0
+    # rank 0 learns it in the all-reduce (gloo: connection reset) or from the launcher's SIGTERM, whichever first
+    stopped = [line for line in stderr.splitlines()
+               if line.startswith(("error: rank 0 lost another process", "error: rank 0 stopped by the launcher"))]
+    assert len(stopped) == 1 and "run the same command again to resume" in stopped[0], stderr[-3000:]
+    assert "budget_reasoner/" not in stderr  # no traceback through our code
+    session = json.loads((out / "sessions.json").read_text())["sessions"][-1]  # rank 0 recorded its session
+    assert session["reached_step"] >= 20
+    result = run(command, tmp_path / "trace")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr and json.loads((out / "stage.json").read_text())["world_size"] == PROCESSES
+
+
+def rank_pid(rank: int, out) -> int:
+    """The PID of the launched process of `rank` writing to `out` (from /proc: its RANK and its command line)."""
+    from pathlib import Path
+
+    for entry in Path("/proc").iterdir():
+        try:
+            environment = (entry / "environ").read_bytes().split(b"\0")
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environment and str(out).encode() in command and b"torch.distributed.run" not in command:
+            return int(entry.name)
+    raise AssertionError(f"no process of rank {rank} for {out}")
