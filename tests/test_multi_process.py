@@ -2,6 +2,7 @@
 (tests/multi_process.py says why the two are the same update), and a launch that cannot work refused in one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,26 @@ def rank_pid(rank: int, out) -> int:
         if f"RANK={rank}".encode() in environment and str(out).encode() in command and b"torch.distributed.run" not in command:
             return int(entry.name)
     raise AssertionError(f"no process of rank {rank} for {out}")
+
+
+def test_ranks_with_different_presets_are_refused_on_every_rank(tmp_path):
+    """Two ranks that loaded different presets (here sft.max_steps differs by rank) both refuse in one line."""
+    import sys
+
+    script = tmp_path / "two_presets.py"
+    script.write_text(
+        "import os\n"
+        "from budget_reasoner import distributed\n"
+        "from budget_reasoner.config import load_preset\n"
+        "from budget_reasoner.errors import BudgetReasonerError\n"
+        "preset = load_preset('cpu-tiny', {'sft.max_steps': 10 + distributed.rank()})\n"
+        "distributed.join(cpu=True)\n"
+        "try:\n"
+        "    distributed.check_same_preset(preset)\n"
+        "except BudgetReasonerError as error:\n"
+        "    print(f'rank {distributed.rank()} refused: {error}', flush=True)\n"
+    )
+    result = run(torchrun(PROCESSES) + [str(script)], tmp_path / "trace", env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    # both ranks print to the one pipe at once: their lines may interleave, so count rather than split
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(" refused: the 2 processes of this run loaded different presets") == PROCESSES
