@@ -209,3 +209,14 @@ def test_layer_streaming_names_a_missing_checkpoint_shard(teacher_and_data, tmp_
     missing.unlink()
     with pytest.raises(BudgetReasonerError, match=f"{missing}: missing \\(listed in"):
         LayerStreamedScorer(tmp_path / "sharded", 0)
+
+
+def test_under_a_launch_the_cache_is_not_built_by_every_rank(teacher_and_data, preset, tmp_path, monkeypatch):
+    """Every rank would score the same sequences and write the same shards: a launch needs the cache built first."""
+    from budget_reasoner.train import distill
+
+    teacher, data = teacher_and_data
+    monkeypatch.setattr(distill, "is_distributed", lambda: True)
+    with pytest.raises(BudgetReasonerError, match="built in one process: run `budget-reasoner cache"):
+        distill.cache_teacher_topk(teacher, data, tmp_path / "cache", preset, detect("cpu"))
+    assert not (tmp_path / "cache").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from budget_reasoner.config import Preset
+from budget_reasoner.distributed import is_distributed
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, PeakMemory, hardware_for
 from budget_reasoner.io import (MODEL_SETTINGS, add_session, claim_stage, input_digest, mark_complete, read_jsonl,
@@ -54,6 +55,10 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     """
     cache_dir = Path(cache_dir)
     rows = read_jsonl(sft_file, SFT_COLUMNS, SFT_KINDS)
+    if is_distributed() and not (cache_dir / "COMPLETE.json").is_file():
+        # every rank would score the same sequences and write the same shards at once
+        raise BudgetReasonerError(f"{cache_dir}: the teacher's top-k cache is built in one process: run `budget-reasoner "
+                                  f"cache --teacher {teacher_path} --data {sft_file} --out {cache_dir}` first, then the launch")
     # the shard size sets which examples each shard holds, so a resume with another one would mix layouts;
     # the format, so a cache an older version wrote is refused in one line rather than misread
     settings = {**settings_of(preset, *MODEL_SETTINGS, "distill.top_k", "generate.shard_size"), "cache.format": CACHE_FORMAT}
