@@ -73,7 +73,8 @@ def training_arguments(config_class, stage, preset, hardware, output_dir: Path, 
         seed=preset.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own rich bar (ProgressCallback) reports instead
-        include_num_input_tokens_seen=True,  # the report's cost accounting counts tokens
+        # the report's cost accounting counts tokens (GRPO's inputs are prompts it samples from: it counts its own)
+        include_num_input_tokens_seen=extra.pop("include_num_input_tokens_seen", True),
         # under DDP: every trainable weight (LoRA, or all of a full fine-tune) gets a gradient each step, so the
         # search for unused ones (the Trainer's default without checkpointing) is an extra graph walk for nothing
         ddp_find_unused_parameters=False,

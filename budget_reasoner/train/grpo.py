@@ -40,7 +40,7 @@ def grpo_arguments(preset: Preset, hardware: Hardware, out: Path, report_to: str
         num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
         temperature=settings.temperature, beta=settings.beta, loss_type=settings.loss_type, epsilon=settings.epsilon,
         epsilon_high=settings.epsilon_high, mask_truncated_completions=settings.mask_truncated_completions,
-        use_vllm=use_vllm, vllm_mode="colocate", log_completions=False,
+        use_vllm=use_vllm, vllm_mode="colocate", log_completions=False, include_num_input_tokens_seen=False,
     )
 
 
