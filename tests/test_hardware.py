@@ -63,7 +63,7 @@ CHOSEN = {
     "t4": "t4-16gb",  # was 12gb: bf16 compute on a card without bf16
     "rtx4060ti": "16gb",  # was t4-16gb
     "a10g": "24gb", "l4": "24gb", "rtx3090": "24gb", "rtx4090": "24gb",  # were 16gb
-    "a100-40gb": "24gb",
+    "a100-40gb": "48gb",  # since the 48gb preset decodes 8 sequences at once (sized to a 12 h plan): 86% of it
     "l40s": "48gb",  # was 24gb
     "h100": "80gb", "a100-80gb": "80gb",  # were 48gb
     "h200": "80gb",
@@ -122,8 +122,8 @@ def test_a_preset_too_big_for_the_card_is_one_line_before_any_model_loads(monkey
     from budget_reasoner.config import load_preset
 
     fake_card(monkeypatch, "rtx3060")
-    with pytest.raises(BudgetReasonerError, match=r"preset 24gb does not fit NVIDIA GeForce RTX 3060: its generate stage is "
-                                                  r"estimated at 18\.7 GiB, over 10\.6 of its 11\.8 GiB .*--preset 12gb fits it"):
+    with pytest.raises(BudgetReasonerError, match=r"preset 24gb does not fit NVIDIA GeForce RTX 3060: its eval stage is "
+                                                  r"estimated at 17\.8 GiB, over 10\.6 of its 11\.8 GiB .*--preset 12gb fits it"):
         hardware.hardware_for(load_preset("24gb"))
     assert hardware.hardware_for(load_preset("12gb")).backend == "bitsandbytes"
     fake_card(monkeypatch, "t4")
