@@ -390,7 +390,7 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
         api_cost = 0.0
         if token_price:
             api_cost = (work.chains * work.prompt_tokens * token_price[0] + generated * token_price[1]) / 1e6
-        unknown = (f"; --replicas needs the served model's shape: a local folder, or a config in data/model_configs"
+        unknown = ("; --replicas needs the served model's shape: a local folder, or a config in data/model_configs"
                    if replicas else "")
         stages.append(StageTime("generate", int(generated), 0.0, f"{work.chains:,} chains from the server; its time "
                                 f"and card are not this plan's (a vLLM server: see `plan --teacher`){unknown}",

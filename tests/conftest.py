@@ -31,6 +31,17 @@ TINY = {
 }
 
 
+def qwen7b_by_hand() -> dict:
+    """Qwen2.5-7B-Instruct's sizes from its shipped config.json, for the planner's by-hand checks."""
+    import json
+
+    config = json.loads((PROJECT_DATA / "model_configs" / "Qwen2.5-7B-Instruct.json").read_text())
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    return {"hidden": h, "layers": layers, "vocab": config["vocab_size"], "kv_dim": kv,
+            "linear": layers * (2 * h * h + 2 * h * kv + 3 * h * i)}
+
+
 TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]  # TINY as CLI options
 
 

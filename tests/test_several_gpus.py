@@ -1,16 +1,14 @@
 """The planner and the memory estimator on several GPUs: training split over data-parallel cards at the stated
 efficiency, the teacher's chains from vLLM replicas, and each card's memory under DDP and FSDP, by hand."""
 
-import json
-
 import pytest
 
 from budget_reasoner.config import load_preset
 from budget_reasoner.hardware import card
-from budget_reasoner.memory import (GIB, estimate_training_memory, estimate_training_memory_per_gpu, lora_parameters,
+from budget_reasoner.memory import (estimate_training_memory, estimate_training_memory_per_gpu, lora_parameters,
                                     read_model_shape)
 from budget_reasoner.plan import DATA_PARALLEL_EFFICIENCY, plan_time_on_card
-from tests.conftest import PROJECT_DATA, invoke, one_error_line
+from tests.conftest import invoke, one_error_line, qwen7b_by_hand
 
 OVERHEADS = ("allocator slack (5%)", "CUDA context + workspaces")
 
@@ -37,10 +35,8 @@ def test_generate_from_vllm_replicas_by_hand():
     preset = load_preset("t4-16gb", {"generate.num_train_problems": 10, "generate.num_seed_problems": 0,
                                      "generate.seed_sets": [], "generate.samples_per_problem": 4,
                                      "generate.max_new_tokens": 10, "generate.concurrency": 16})
-    config = json.loads((PROJECT_DATA / "model_configs" / "Qwen2.5-7B-Instruct.json").read_text())
-    h, i, layers, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    model = qwen7b_by_hand()
+    h, layers, v, kv, linear = model["hidden"], model["layers"], model["vocab"], model["kv_dim"], model["linear"]
     parameters = linear + 2 * v * h  # untied
     mean_new, in_flight, chains = 10 * 0.4, 8, 20
     weight_bytes = linear * 4.127 / 8 + v * h * 2

@@ -11,7 +11,7 @@ from budget_reasoner.calibrate import cpu_rates, over_budget, plan_quickstart, p
 from budget_reasoner.config import available_presets, load_preset, resolve_preset_path
 from budget_reasoner.hardware import PRESET_CARDS, card
 from budget_reasoner.plan import plan_time_on_card
-from tests.conftest import PROJECT_DATA, TINY, invoke, one_error_line
+from tests.conftest import TINY, invoke, one_error_line, qwen7b_by_hand
 
 
 def test_generate_time_by_hand_on_a_t4():
@@ -20,10 +20,8 @@ def test_generate_time_by_hand_on_a_t4():
     preset = load_preset("t4-16gb", {"generate.num_train_problems": 10, "generate.num_seed_problems": 0,
                                      "generate.seed_sets": [], "generate.samples_per_problem": 4,
                                      "generate.batch_size": 22, "generate.max_new_tokens": 10})
-    config = json.loads((PROJECT_DATA / "model_configs" / "Qwen2.5-7B-Instruct.json").read_text())
-    h, i, layers, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    model = qwen7b_by_hand()
+    h, layers, v, kv, linear = model["hidden"], model["layers"], model["vocab"], model["kv_dim"], model["linear"]
     weight_bytes = linear * 4.127 / 8 + v * h * 2  # NF4 layers + the fp16 LM head (the embedding is only looked up)
     kv_bytes = 20 * (120 + 10 / 2) * 2 * layers * kv * 2  # 20 sequences at a mean context of prompt + 5
     step = (weight_bytes + kv_bytes) / (320e9 * 0.37) + 0.02  # bandwidth-bound: 2 x params x 20 FLOPs is far less
