@@ -121,15 +121,30 @@ def topk_of_spans(hidden: torch.Tensor, encoded, head_weight: torch.Tensor, top_
 # the checkpoint per batch, not per token: hopeless for generation, fine for scoring. The model is built on the
 # meta device (no memory), so its own modules (rotary embeddings, masks, decoder layers) compute exactly what the
 # ordinary forward computes; each layer gets real weights just before it runs and gives them back right after.
+#
+# Peak memory (the issue's bound: one layer + the batch's hidden states + one LM-head chunk, +10%). Measured on
+# Qwen2.5-0.5B cut to 4 layers (benchmarks/layer_streaming.py), the first version peaked 310 MB above its start
+# against a 53 MB bound, for two reasons, both fixed below:
+# - glibc kept freed memory: a freed tensor of a few MB raises malloc's mmap threshold (up to 32 MB), so the next
+#   layer's weights and activations came from the heap, and the heap's freed blocks were kept and fragmented, so
+#   RSS grew by ~30 MB a layer with under 30 MB live (malloc_trim after scoring gave back 175 MB). The scorer fixes
+#   the threshold (`_return_freed_memory`), so large tensors are mmapped and unmapped when freed.
+# - the layer ran over the whole batch at once: its MLP's intermediates (3 x tokens x intermediate_size) and
+#   attention took ~80 MB beside 30 MB of weights. The layer now runs over a block of sequences at a time, its
+#   output written back into the batch's hidden states in place, and the LM head over a block of positions.
+#   Both blocks are sized to `work_bytes` (default: one LM-head chunk's bytes). That is paid out of the bound's
+#   LM-head term: the head's rows and a layer's weights are never in memory together.
 
 class LayerStreamedScorer:
     """Score with a checkpoint holding at most one decoder layer's weights (plus the batch's hidden states and one
     block of LM-head rows) in memory at a time. Decoder-only models laid out as Qwen2/Llama are
     (model.embed_tokens, model.layers.N, model.norm, lm_head or tied embeddings)."""
 
-    def __init__(self, checkpoint: str | Path, pad_token_id: int, attention: str = "sdpa", head_rows: int = 8192):
+    def __init__(self, checkpoint: str | Path, pad_token_id: int, attention: str = "sdpa", head_rows: int = 8192,
+                 work_bytes: int | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        _return_freed_memory()
         self.checkpoint, self.pad_token_id, self.head_rows = Path(checkpoint), pad_token_id, head_rows
         self.weights = CheckpointTensors(self.checkpoint)
         config = AutoConfig.from_pretrained(self.checkpoint)
@@ -140,6 +155,17 @@ class LayerStreamedScorer:
         self.config, self.device = decoder.config, torch.device("cpu")
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
         self.head_name = "lm_head.weight" if "lm_head.weight" in self.weights else "model.embed_tokens.weight"
+        head = self.weights.entries[self.head_name][2]
+        self.itemsize = _TORCH_DTYPES[head["dtype"]].itemsize
+        self.work_bytes = work_bytes or head_rows * head["shape"][1] * self.itemsize
+
+    def rows_per_block(self, length: int) -> int:
+        """Sequences of `length` tokens a layer runs over at once, so its activations fit `work_bytes`: per token,
+        the MLP's gate, up and product (intermediate_size each) and a few hidden-size temporaries (the attention's
+        q, k, v, output and the residual), in the compute dtype."""
+        config = self.config
+        per_token = (3 * config.intermediate_size + 6 * config.hidden_size) * self.itemsize
+        return max(1, self.work_bytes // (per_token * length))
 
     @torch.no_grad()
     def score(self, encoded: list[tuple[list[int], list[int]]], top_k: int) -> list[ScoredSequence]:
@@ -157,10 +183,16 @@ class LayerStreamedScorer:
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        rows = self.rows_per_block(hidden.shape[1])
         for index, layer in enumerate(decoder.layers):
+            mask = masks[self.config.layer_types[index]]
             with self.weights.loaded(layer, f"model.layers.{index}."):
-                hidden = layer(hidden, attention_mask=masks[self.config.layer_types[index]],
-                               position_embeddings=position_embeddings, position_ids=position_ids)
+                # a block of sequences at a time (each attends only to itself, so the result is the batch's),
+                # written back in place: one copy of the hidden states, one block's activations
+                for first in range(0, hidden.shape[0], rows):
+                    block = slice(first, first + rows)
+                    hidden[block] = layer(hidden[block], attention_mask=None if mask is None else mask[block],
+                                          position_embeddings=position_embeddings, position_ids=position_ids)
         with self.weights.loaded(decoder.norm, "model.norm."):
             hidden = decoder.norm(hidden)
         scored = []
@@ -176,10 +208,30 @@ class LayerStreamedScorer:
             offset += rows
         return result
 
+    def memory_bound(self, batch: int, length: int) -> dict:
+        """The issue's bound on scoring's peak memory for `batch` sequences of up to `length` tokens: the largest
+        decoder layer's weights + the batch's hidden states + one block of LM-head rows (as stored), +10%."""
+        layers = {}
+        for name, (_, _, entry) in self.weights.entries.items():
+            if name.startswith("model.layers."):
+                index = name.split(".")[2]
+                layers[index] = layers.get(index, 0) + (entry["data_offsets"][1] - entry["data_offsets"][0])
+        itemsize = _TORCH_DTYPES[self.weights.entries[self.head_name][2]["dtype"]].itemsize
+        hidden_size = self.weights.shape(self.head_name)[1]
+        parts = {"layer_bytes": max(layers.values()), "hidden_states_bytes": batch * length * hidden_size * itemsize,
+                 "head_chunk_bytes": self.head_rows * hidden_size * itemsize}
+        return {**parts, "bound_bytes": int(sum(parts.values()) * 1.1)}
+
     def head_topk(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k log-probs over the whole vocabulary, reading `head_rows` rows of the LM head at a time: a running
         top-k of logits and a running log-sum-exp, so neither the head nor positions x vocab logits are ever whole."""
         vocab = self.weights.shape(self.head_name)[0]
+        # positions a block, so a block's fp32 logits (and their softcap / log-sum-exp temporaries, ~2 copies)
+        # stay within work_bytes
+        block = max(1, self.work_bytes // (self.head_rows * 4 * 2))
+        if hidden.shape[0] > block:
+            parts = [self.head_topk(hidden[first : first + block], top_k) for first in range(0, hidden.shape[0], block)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         best = torch.full((hidden.shape[0], top_k), -torch.inf)
         best_ids = torch.zeros((hidden.shape[0], top_k), dtype=torch.long)
         log_z = torch.full((hidden.shape[0],), -torch.inf)
@@ -264,6 +316,24 @@ class CheckpointTensors:
             yield module
         finally:
             module.to("meta")
+
+
+def _return_freed_memory() -> None:
+    """Have glibc's malloc give large freed blocks back to the system at once (see the streaming note above).
+
+    By default malloc raises its mmap threshold to the size of each mmapped block freed (up to 32 MB on 64-bit), so
+    after the first layer's tensors are freed every later tensor up to that size comes from the heap, whose freed
+    blocks stay resident. Setting the threshold (M_MMAP_THRESHOLD, 128 KiB: glibc's own default) turns the dynamic
+    adjustment off for the process. It costs a page-zeroing per large allocation, small beside a layer read from
+    disk; without glibc (macOS, musl) this is skipped."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
