@@ -121,6 +121,9 @@ class DistillConfig(TrainConfig):
     top_k: int = 8  # teacher log-probs cached per token
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the KD term; 1 - alpha goes to cross-entropy on the chain
+    # KD over k+1 buckets: the teacher's top-k plus the probability mass outside it, against the student's full
+    # softmax at those ids plus its own tail (fused_linear_kd_loss's `tail`); temperature 1.0 only, torch kernels
+    kd_tail: bool = False
 
 
 @dataclass
@@ -294,6 +297,9 @@ CROSS_RULES: list[tuple[str, Callable[[Preset], bool], str]] = [
     ("generate.batch_size", lambda p: p.generate.batch_size >= p.generate.samples_per_problem,
      ">= generate.samples_per_problem"),
     ("eval.batch_size", lambda p: p.eval.batch_size >= p.eval.maj_k, ">= eval.maj_k"),
+    # the cache holds the teacher's log-probs at temperature 1, so its tail bucket exists only there
+    ("distill.kd_tail", lambda p: not p.distill.kd_tail or p.distill.temperature == 1.0,
+     "false unless distill.temperature is 1.0 (the cached teacher log-probs are at temperature 1)"),
     # TRL splits each generation batch into whole groups of one problem's completions
     ("grpo.batch_size", lambda p: p.grpo.batch_size % p.grpo.num_generations == 0, "a multiple of grpo.num_generations"),
     ("eval.min_think_tokens", lambda p: p.eval.think_budget == 0 or p.eval.min_think_tokens <= p.eval.think_budget,

@@ -1,5 +1,7 @@
 """The chunked losses against the naive full-logits reference, forward and backward."""
 
+import types
+
 import pytest
 import torch
 
@@ -188,3 +190,125 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     want = run(lambda h, w, **kw: fused_linear_cross_entropy(h, w, labels, **kw), h, w, "mean", "reference")
     for a, b in zip(got, want):
         assert max_rel_error(a, b) < 1e-5
+
+
+# --- KD with the tail bucket (issue #14 item 5): the top-k plus the mass outside it, k+1 buckets ---
+
+
+def tail_inputs(tokens, hidden, vocab, k, seed=0):
+    h, w, labels, ids, lps = make_inputs(tokens, hidden, vocab, k, dtype=torch.float32, seed=seed)
+    # cached log-probs of a full-vocabulary teacher leave mass outside the top-k: 1 - exp(-0.4) ~ 0.33 here
+    return h, w, labels, ids, lps - 0.4
+
+
+@pytest.mark.parametrize("tokens, hidden, vocab", [(37, 16, 53), (64, 8, 100), (9, 8, 500)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_tail_kd_chunked_matches_autograd_reference_fp32(tokens, hidden, vocab, reduction, softcap):
+    h, w, labels, ids, lps = tail_inputs(tokens, hidden, vocab, k=5)
+    loss_fn = lambda h, w, **kw: fused_linear_kd_loss(h, w, ids, lps, labels, alpha=0.7, tail=True, softcap=softcap, **kw)
+    chunked = run(loss_fn, h, w, reduction, "torch", chunk_tokens=16)  # 16 does not divide the token counts
+    reference = run(loss_fn, h, w, reduction, "reference")  # the student's tail summed over a mask, under autograd
+    for got, want in zip(chunked, reference):
+        assert max_rel_error(got, want) <= 1e-4
+
+
+def test_tail_kd_hand_computed_vocab_5_k_2():
+    import math
+
+    z = [1.0, 0.0, 0.5, -1.0, 2.0]  # logits = h @ I
+    h = torch.tensor([z], requires_grad=True)
+    ids, p = torch.tensor([[4, 0]]), [0.5, 0.3]
+    lps = torch.tensor([p]).log()  # teacher tail 0.2, not renormalized away
+    q = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    q_tail = q[1] + q[2] + q[3]
+    kl = 0.5 * math.log(0.5 / q[4]) + 0.3 * math.log(0.3 / q[0]) + 0.2 * math.log(0.2 / q_tail)
+    ce = -math.log(q[2])
+    for backend in ("torch", "reference"):
+        loss = fused_linear_kd_loss(h, torch.eye(5), ids, lps, torch.tensor([2]), alpha=0.25, tail=True, backend=backend)
+        assert loss.item() == pytest.approx(0.25 * kl + 0.75 * ce, rel=1e-6)
+        # gradient: alpha * (P q_j - p_j) on the top-k, alpha * q_j (P - p_tail / q_tail) outside, P = 1 here
+        (grad,) = torch.autograd.grad(loss, h)
+        want = [0.75 * (qj - (j == 2)) + 0.25 * qj * (1 - 0.2 / q_tail) for j, qj in enumerate(q)]
+        want[4], want[0] = 0.75 * q[4] + 0.25 * (q[4] - 0.5), 0.75 * q[0] + 0.25 * (q[0] - 0.3)
+        torch.testing.assert_close(grad[0], torch.tensor(want), rtol=1e-5, atol=1e-7)
+
+
+def test_tail_kd_differs_from_top_k_kd_and_is_zero_when_the_student_matches_the_teacher_everywhere():
+    h, w, labels, ids, lps = tail_inputs(20, 8, 31, k=4)
+    plain = fused_linear_kd_loss(h, w, ids, lps, labels, alpha=1.0, backend="torch")
+    tail = fused_linear_kd_loss(h, w, ids, lps, labels, alpha=1.0, tail=True, backend="torch")
+    assert abs(plain.item() - tail.item()) > 1e-3
+    # the student's log-softmax as the teacher's cache: every bucket agrees, KL = 0 (top-k KD is 0 here too)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, 1.0]])
+    log_q = logits.log_softmax(-1)
+    top = log_q.topk(2, dim=-1)
+    loss = fused_linear_kd_loss(logits, torch.eye(5), top.indices, top.values, torch.tensor([0]), alpha=1.0, tail=True,
+                                backend="torch")
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tail_is_refused_by_triton_and_at_other_temperatures():
+    h, w, labels, ids, lps = tail_inputs(6, 4, 11, k=2)
+    with pytest.raises(ValueError, match="Triton"):
+        fused_linear_kd_loss(h, w, ids, lps, labels, tail=True, backend="triton")
+    with pytest.raises(ValueError, match="temperature 1.0"):
+        fused_linear_kd_loss(h, w, ids, lps, labels, tail=True, temperature=2.0, backend="torch")
+    # auto never picks the kernel that lacks the tail
+    from budget_reasoner.kernels.fused_loss import _resolve_backend
+
+    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    assert _resolve_backend("auto", fake_cuda, tail=True) == "torch"
+
+
+def test_kd_tail_config_defaults_off_and_needs_temperature_one():
+    from budget_reasoner.config import load_preset
+    from budget_reasoner.errors import BudgetReasonerError
+
+    assert load_preset("cpu-tiny").distill.kd_tail is False
+    assert load_preset("cpu-tiny", {"distill.kd_tail": True}).distill.kd_tail is True
+    with pytest.raises(BudgetReasonerError, match="distill.kd_tail must be false unless distill.temperature is 1.0"):
+        load_preset("cpu-tiny", {"distill.kd_tail": True, "distill.temperature": 2.0})
+
+
+def test_kd_trainer_passes_kd_tail_to_the_loss(monkeypatch):
+    import budget_reasoner.train.distill as distill
+
+    seen = {}
+
+    def fake_loss(model, inputs, labels, alpha, temperature, num_items_in_batch, tail=False):
+        seen.update(alpha=alpha, temperature=temperature, tail=tail)
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(distill, "fused_kd_loss", fake_loss)
+    monkeypatch.setattr(distill, "undo_data_parallel_mean", lambda trainer, loss, n: loss)
+    trainer = object.__new__(distill.kd_trainer_class())  # compute_loss alone: no model, no arguments
+    trainer.kd_alpha, trainer.kd_temperature, trainer.kd_tail = 0.5, 1.0, True
+    trainer.compute_loss(None, {"kd_labels": torch.tensor([[1]])})
+    assert seen == {"alpha": 0.5, "temperature": 1.0, "tail": True}
+
+
+def test_kd_tail_through_the_model_forward_equals_the_full_logits_loss():
+    from budget_reasoner.kernels.patch import fused_kd_loss, remove_fused_loss
+    from tests.test_fused_precision import VOCAB, batch, tiny_gemma2
+
+    model = tiny_gemma2()
+    inputs = batch(2, 9)
+    labels = torch.cat([inputs["labels"][:, 1:], torch.full((2, 1), -100)], dim=1)
+    generator = torch.Generator().manual_seed(3)
+    inputs["topk_ids"] = torch.stack([torch.randperm(VOCAB, generator=generator)[:4] for _ in range(18)]).view(2, 9, 4)
+    inputs["topk_logprobs"] = torch.randn(2, 9, 4, generator=generator).log_softmax(-1) - 0.4
+    got = fused_kd_loss(model, inputs, labels, alpha=0.5, temperature=1.0, tail=True)
+    plain = fused_kd_loss(model, inputs, labels, alpha=0.5, temperature=1.0)
+    remove_fused_loss(model)
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()  # capped
+    keep = labels != -100
+    log_q = logits[keep].log_softmax(-1)
+    ids, lps = inputs["topk_ids"][keep], inputs["topk_logprobs"][keep]
+    outside = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, ids, False)
+    q_tail = log_q.exp().masked_fill(~outside, 0).sum(-1)
+    p_tail = 1 - lps.exp().sum(-1)
+    kl = (lps.exp() * (lps - log_q.gather(1, ids))).sum(-1) + p_tail * (p_tail / q_tail).log()
+    ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+    torch.testing.assert_close(got, (0.5 * kl + 0.5 * ce).mean(), rtol=1e-5, atol=1e-6)
+    assert abs(got.item() - plain.item()) > 1e-4  # the option reaches the loss

@@ -26,11 +26,22 @@ scaled by temperature**2 (Hinton et al.), blended with the cross-entropy on the 
     loss = alpha * T^2 * KL(p_teacher^k || q_student^k) + (1 - alpha) * CE(labels)
 Both are summed over label tokens and divided by `normalizer` (default: the number of label tokens),
 so gradient accumulation over micro-batches of different sizes can pass the global token count.
+
+With `tail=True` (config `distill.kd_tail`) the KD term also sees the mass outside the top-k: KL over k+1
+buckets, the teacher's cached top-k probabilities as they are (not renormalized) plus its tail
+1 - sum(p_topk), against the student's full-vocabulary softmax at those k ids plus its own tail
+1 - sum(q_topk) = sum of q outside the top-k, from the log-sum-exp the chunked loss computes anyway:
+    KL = sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)
+Both tails are clamped to >= TAIL_EPS (the cache's log-probs are fp16-rounded, so sum(p_topk) can exceed 1).
+Only at temperature 1: the cache holds the teacher's log-probs at temperature 1 (`linear_topk_logprobs`), and
+its tempered tail would need the teacher's full log-sum-exp at T, which the cache does not keep. The
+Triton kernel does not implement the tail: backend="triton" refuses it, and "auto" picks the torch chunks.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -49,6 +60,8 @@ CPU_CHUNK_LOGITS_BYTES = 2**29
 # default: the three matmuls are ~90% of a step, and compiling it measured no faster (10.4 s vs 10.2 s above)
 # while costing ~5-30 s per process.
 COMPILE_MIN_ELEMENTS = 2**24
+# floor of the teacher's and the student's tail bucket (probabilities) under `tail=True`
+TAIL_EPS = 1e-6
 
 
 def chunk_tokens_for(vocab: int, device: str = "cuda") -> int:
@@ -99,12 +112,15 @@ def _softmax_scaled(logits: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         return _softmax_scaled_eager_(logits, coef)
 
 
-def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+def _resolve_backend(backend: str, hidden: torch.Tensor, tail: bool = False) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     triton_ready = hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "auto":
-        return "triton" if hidden.is_cuda and importlib.util.find_spec("triton") else "torch"
+        # the Triton kernel has no tail bucket (the KD tail is torch-only): "auto" takes the torch chunks for it
+        return "triton" if hidden.is_cuda and importlib.util.find_spec("triton") and not tail else "torch"
+    if backend == "triton" and tail:
+        raise ValueError("tail=True (distill.kd_tail) is not implemented in the Triton kernel; use backend='torch' or 'auto'")
     if backend == "triton" and not triton_ready:
         raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
     return backend
@@ -119,9 +135,26 @@ def _softcap_(logits: torch.Tensor, softcap: float | None, need_grad: bool):
     return tanh.square_().neg_().add_(1.0) if need_grad else None
 
 
+def _tail_kd(student_topk: torch.Tensor, log_z: torch.Tensor, topk_logprobs: torch.Tensor):
+    """The (k+1)-bucket KD pieces at temperature 1: the teacher's top-k p (cached, not renormalized) and tail
+    p_tail, the student's top-k q = exp(z - lse) and log q_tail = log1p(-sum q_topk), both tails >= TAIL_EPS;
+    returns (kl per row, p, p_tail, q, q_tail)."""
+    teacher_log_p = topk_logprobs.float()
+    teacher_p = teacher_log_p.exp()
+    teacher_tail = (1.0 - teacher_p.sum(-1)).clamp_min(TAIL_EPS)
+    student_log_q = student_topk - log_z[:, None]
+    student_q = student_log_q.exp()
+    # log1p(-S), S clamped below 1: accurate for a small S, finite when the top-k holds (nearly) all the mass; for
+    # a tail q_tail near fp32's 1e-7 it carries a relative error ~1e-7 / q_tail (the reference sums the tail directly)
+    student_log_tail = torch.log1p(-student_q.sum(-1).clamp_max(1.0 - TAIL_EPS))
+    kl = ((teacher_p * (teacher_log_p - student_log_q)).sum(-1)
+          + teacher_tail * (teacher_tail.log() - student_log_tail))
+    return kl, teacher_p, teacher_tail, student_q, student_log_tail.exp()
+
+
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_logprobs, alpha: float,
                   temperature: float, ignore_index: int, need_grad: bool, grad_scale: float = 1.0,
-                  softcap: float | None = None):
+                  softcap: float | None = None, tail: bool = False):
     """Per-token loss of one chunk of fp32 logits, and (with `need_grad`) d(loss)/d(logits) * grad_scale.
 
     With `need_grad` the gradient is written into the logits buffer itself, so a chunk costs one
@@ -133,6 +166,9 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_log
     label_logits = logits.gather(1, safe_labels[:, None]).squeeze(1)
     student_topk = logits.gather(1, topk_ids) if alpha > 0.0 else None  # read before the buffer is overwritten
     grad = None
+    if tail and alpha > 0.0:
+        return _token_losses_tail(logits, labels, valid, safe_labels, label_logits, student_topk, topk_ids,
+                                  topk_logprobs, alpha, need_grad, grad_scale, cap_grad)
     if need_grad:  # softmax computed in place: the chunk's logits buffer is the only vocab-sized one
         coef = torch.tensor((1.0 - alpha) * grad_scale, dtype=torch.float32, device=logits.device)
         log_z = _softmax_scaled(logits, coef)  # logits <- (1 - alpha) * softmax, scaled
@@ -156,6 +192,43 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, topk_ids, topk_log
     return losses, grad
 
 
+def _token_losses_tail(logits, labels, valid, safe_labels, label_logits, student_topk, topk_ids, topk_logprobs,
+                       alpha, need_grad, grad_scale, cap_grad):
+    """`_token_losses` with the KD tail bucket (temperature 1; `logits` already capped).
+
+    Gradient of KL_tail = -sum_i p_i log q_i - p_tail log q_tail + const, with P = sum_i p_i + p_tail (1 up to
+    the cache's rounding and the clamp), q the full-vocabulary softmax, K the top-k ids:
+        d log q_i / dz_j    = [j = i] - q_j
+        d log q_tail / dz_j = [j not in K] q_j / q_tail - q_j      (q_tail = sum of q_m, m not in K)
+    so  dKL/dz_j = q_j * (P - p_tail / q_tail)   for j outside the top-k (the tail bucket pulls every such
+        logit up or down together, in proportion to q_j),
+        dKL/dz_j = P * q_j - p_j                 for j in the top-k.
+    The top-k entries are written from q_j and p_j directly, not as the first formula plus a correction, which
+    would cancel catastrophically when q_tail is tiny. (Where q_tail is clamped to TAIL_EPS this uses the clamped
+    value, where autograd through the clamp would give 0: a direction toward the tail, not a vanishing one.)"""
+    if need_grad:
+        # pass 1 (as without the tail): logits <- softmax * grad_scale, and the rows' log-sum-exp
+        log_z = _softmax_scaled(logits, torch.tensor(grad_scale, dtype=torch.float32, device=logits.device))
+    else:
+        log_z = torch.logsumexp(logits, dim=-1)
+    kl, teacher_p, teacher_tail, student_q, student_tail = _tail_kd(student_topk, log_z, topk_logprobs)
+    losses = torch.where(valid, (1.0 - alpha) * (log_z - label_logits) + alpha * kl, torch.zeros_like(kl))
+    if not need_grad:
+        return losses, None
+    mass = teacher_p.sum(-1) + teacher_tail  # P
+    grad = logits
+    # every entry: (1 - alpha) * q_j (cross-entropy) + alpha * q_j * (P - p_tail / q_tail) (the tail bucket's)
+    grad.mul_(((1.0 - alpha) + alpha * (mass - teacher_tail / student_tail))[:, None])
+    # the top-k entries, overwritten: (1 - alpha) * q_j + alpha * (P * q_j - p_j)
+    grad.scatter_(1, topk_ids, grad_scale * (((1.0 - alpha) + alpha * mass[:, None]) * student_q - alpha * teacher_p))
+    grad.scatter_add_(1, safe_labels[:, None], torch.full_like(log_z[:, None], -(1.0 - alpha) * grad_scale))
+    if cap_grad is not None:
+        grad.mul_(cap_grad)
+    if not valid.all():
+        grad[~valid] = 0.0
+    return losses, grad
+
+
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     # fp16 cannot hold a gradient divided by the token count before the GradScaler's factor arrives; bf16 can
     return torch.float32 if dtype == torch.float16 else dtype
@@ -172,7 +245,7 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, normalizer,
-                chunk_tokens, backend, softcap):
+                chunk_tokens, backend, softcap, tail=False):
         compute = _compute_dtype(weight)
         weight_c = weight.to(compute)  # once, not per chunk: autocast would cast the weight again in every matmul
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -227,7 +300,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                     grad_logits = logits  # the kernel overwrote the logits with the gradient
                 else:
                     losses, grad_logits = _token_losses(logits, labels[start:stop], chunk_ids, chunk_lps, alpha,
-                                                        temperature, ignore_index, need_grad=True, softcap=softcap)
+                                                        temperature, ignore_index, need_grad=True, softcap=softcap,
+                                                        tail=tail)
                 total += losses.sum()
                 if grad_hidden is not None:
                     rows = ((grad_logits.to(compute) @ weight_c).float() / normalizer).to(grad_hidden.dtype)
@@ -253,10 +327,11 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             if grad is not None:
                 grad = grad.mul_(grad_output.to(grad.dtype)).to(dtype)
             grads.append(grad)
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
-def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens, softcap):
+def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens, softcap,
+                  tail=False):
     """`reduction="none"`: per-token losses, chunk by chunk under autograd with each chunk's logits checkpointed."""
     from torch.utils.checkpoint import checkpoint
 
@@ -264,7 +339,8 @@ def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temper
         logits = (hidden_chunk @ weight.t()).float()
         if softcap:  # out of place: autograd differentiates through it
             logits = softcap * torch.tanh(logits / softcap)
-        return _token_losses(logits, labels_chunk, ids_chunk, lps_chunk, alpha, temperature, ignore_index, need_grad=False)[0]
+        return _token_losses(logits, labels_chunk, ids_chunk, lps_chunk, alpha, temperature, ignore_index, need_grad=False,
+                             tail=tail)[0]
 
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
@@ -276,8 +352,9 @@ def _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temper
 
 
 def _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer,
-               softcap=None):
-    """The naive computation with the full tokens x V logits, for tests and benchmarks."""
+               softcap=None, tail=False):
+    """The naive computation with the full tokens x V logits, for tests and benchmarks. With `tail`, the student's
+    tail is summed over the ids outside the top-k explicitly (a mask), not derived from the top-k's sum."""
     logits = (hidden @ weight.t()).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -285,7 +362,16 @@ def _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperatu
     losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     if alpha < 1.0:
         losses = losses + (1.0 - alpha) * F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
-    if alpha > 0.0:
+    if alpha > 0.0 and tail:
+        log_q = F.log_softmax(logits, dim=-1)
+        outside = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, topk_ids, False)
+        student_log_tail = torch.logsumexp(log_q.masked_fill(~outside, float("-inf")), dim=-1).clamp_min(math.log(TAIL_EPS))
+        teacher_log_p = topk_logprobs.float()
+        teacher_tail = (1.0 - teacher_log_p.exp().sum(-1)).clamp_min(TAIL_EPS)
+        kl = ((teacher_log_p.exp() * (teacher_log_p - log_q.gather(1, topk_ids))).sum(-1)
+              + teacher_tail * (teacher_tail.log() - student_log_tail))
+        losses = losses + alpha * kl
+    elif alpha > 0.0:
         teacher_log_p = F.log_softmax(topk_logprobs.float() / temperature, dim=-1)
         student_log_q = F.log_softmax(logits.gather(1, topk_ids) / temperature, dim=-1)
         kl = (teacher_log_p.exp() * (teacher_log_p - student_log_q)).sum(-1)
@@ -303,8 +389,10 @@ def _reduce(losses, reduction, normalizer):
 
 
 def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
-                 normalizer, backend, chunk_tokens, softcap=None):
-    backend = _resolve_backend(backend, hidden)
+                 normalizer, backend, chunk_tokens, softcap=None, tail=False):
+    backend = _resolve_backend(backend, hidden, tail and alpha > 0.0)
+    if tail and alpha > 0.0 and temperature != 1.0:
+        raise ValueError(f"tail=True needs temperature 1.0 (the cached teacher log-probs are at temperature 1), got {temperature}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type)
@@ -314,12 +402,12 @@ def _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, tempera
         normalizer = (labels != ignore_index).sum().clamp_min(1).item() if reduction == "mean" else 1.0
     if backend == "reference":
         return _reference(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction, normalizer,
-                          softcap)
+                          softcap, tail)
     if reduction == "none":
         return _chunked_none(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, chunk_tokens,
-                             softcap)
+                             softcap, tail)
     return _ChunkedLinearLoss.apply(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index,
-                                    float(normalizer), chunk_tokens, backend, softcap)
+                                    float(normalizer), chunk_tokens, backend, softcap, tail)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -336,15 +424,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 def fused_linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                          labels: torch.Tensor, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
                          reduction: str = "mean", backend: str = "auto", normalizer: float | None = None,
-                         chunk_tokens: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                         chunk_tokens: int | None = None, softcap: float | None = None, tail: bool = False) -> torch.Tensor:
     """Distillation loss against a teacher's cached top-k log-probs (tokens x k), blended with CE on `labels`.
+
+    `tail`: KL over k+1 buckets, the top-k plus the mass outside it (module docstring); temperature 1.0 only,
+    torch backends only.
 
     A cached id the student's LM head has no row for is refused here, on the host, with both sizes named:
     on a GPU, `gather` would stop the process with a device-side assert that names neither.
     """
     check_topk_ids(topk_ids, weight.shape[0])
     return _linear_loss(hidden, weight, labels, topk_ids, topk_logprobs, alpha, temperature, ignore_index, reduction,
-                        normalizer, backend, chunk_tokens, softcap)
+                        normalizer, backend, chunk_tokens, softcap, tail)
 
 
 def check_topk_ids(topk_ids: torch.Tensor, student_rows: int) -> None:

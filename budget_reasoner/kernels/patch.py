@@ -79,6 +79,7 @@ class FusedLoss:
     temperature: float = 1.0
     normalizer: float | None = None
     backend: str = "auto"
+    tail: bool = False  # KD over the top-k plus the mass outside it (fused_linear_kd_loss's `tail`)
 
 
 def _fused_forward(self, *args, fused_loss: FusedLoss | None = None, **kwargs):
@@ -103,7 +104,7 @@ def _fused_forward(self, *args, fused_loss: FusedLoss | None = None, **kwargs):
     else:
         loss = fused_linear_kd_loss(hidden[keep], weight, request.topk_ids[keep], request.topk_logprobs[keep], labels[keep],
                                     temperature=request.temperature, alpha=request.alpha, normalizer=normalizer,
-                                    backend=request.backend, softcap=softcap)
+                                    backend=request.backend, softcap=softcap, tail=request.tail)
     return CausalLMOutputWithPast(loss=loss)
 
 
@@ -152,10 +153,11 @@ def fused_causal_lm_loss(model, inputs: dict, num_items_in_batch=None, backend: 
 
 
 def fused_kd_loss(model, inputs: dict, labels: torch.Tensor, alpha: float, temperature: float, num_items_in_batch=None,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", tail: bool = False) -> torch.Tensor:
     """The distillation loss on the teacher's cached top-k (`inputs["topk_ids"]`, `inputs["topk_logprobs"]`, aligned
     with `labels`: position t predicts labels[t]), computed inside `model`'s forward like `fused_causal_lm_loss`."""
     add_fused_loss(model)
     request = FusedLoss(labels=labels, shifted=True, topk_ids=inputs["topk_ids"], topk_logprobs=inputs["topk_logprobs"],
-                        alpha=alpha, temperature=temperature, normalizer=num_items_in_batch, backend=backend)
+                        alpha=alpha, temperature=temperature, normalizer=num_items_in_batch, backend=backend,
+                        tail=tail)
     return model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), fused_loss=request).loss

@@ -168,15 +168,16 @@ def kd_trainer_class():
     from transformers import Trainer
 
     class KDTrainer(Trainer):
-        def __init__(self, *args, kd_alpha: float, kd_temperature: float, **kwargs):
+        def __init__(self, *args, kd_alpha: float, kd_temperature: float, kd_tail: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
-            self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
+            self.kd_alpha, self.kd_temperature, self.kd_tail = kd_alpha, kd_temperature, kd_tail
             self.loss_is_scaled_for_ga = True  # compute_loss already divides by the accumulated batch's token count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # through model(...), so the loss runs inside the autocast accelerate wraps around the forward;
             # normalized by the label tokens of the whole accumulated batch, not this micro-batch
-            loss = fused_kd_loss(model, inputs, inputs["kd_labels"], self.kd_alpha, self.kd_temperature, num_items_in_batch)
+            loss = fused_kd_loss(model, inputs, inputs["kd_labels"], self.kd_alpha, self.kd_temperature, num_items_in_batch,
+                                 tail=self.kd_tail)
             loss = undo_data_parallel_mean(self, loss, num_items_in_batch)  # the count is global under DDP
             return (loss, None) if return_outputs else loss
 
@@ -215,7 +216,7 @@ def distill(cache_dir: Path, student_stage: str | Path, out: Path, preset: Prese
     args = training_arguments(TrainingArguments, settings, preset, hardware, out, report_to, remove_unused_columns=False)
     trainer = kd_trainer_class()(model=model, args=args, train_dataset=cache,
                                  data_collator=lambda examples: collate_kd(examples, tokenizer.pad_token_id),
-                                 kd_alpha=settings.alpha, kd_temperature=settings.temperature)
+                                 kd_alpha=settings.alpha, kd_temperature=settings.temperature, kd_tail=settings.kd_tail)
     say(f"distill: {len(cache)} cached sequences, top-{info['top_k']} from {info['teacher']}, alpha {settings.alpha}; "
         f"{describe_precision(preset, hardware)}")
     return save_stage(out, trainer.model, tokenizer, base, train_with_resume(trainer, out),
