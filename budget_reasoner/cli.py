@@ -148,13 +148,14 @@ def quickstart(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     max_hours: Optional[float] = typer.Option(None, min=0, help="Stop before anything loads if the plan (`budget-reasoner "
                                               "plan`) takes longer; on the CPU this calibrates first (~1 min)."),
+    rl: str = typer.Option("none", help="RL after the recipe: none, or grpo (from the last stage, on the training problems)."),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     settings = _preset(preset, set_)  # first: it settles the backend before the stages are imported
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
-    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite, max_hours)
+    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite, max_hours, rl)
     typer.echo(markdown(results))
     typer.echo(f"report: {out / 'report.md'}")
 

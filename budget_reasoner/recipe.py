@@ -36,10 +36,12 @@ from budget_reasoner.report import log_to_wandb, write_report
 from budget_reasoner.sampling.server import redact
 from budget_reasoner.train.distill import cache_teacher_topk, distill
 from budget_reasoner.train.dpo import dpo
+from budget_reasoner.train.grpo import grpo
 from budget_reasoner.train.pretrain import bootstrap
 from budget_reasoner.train.sft import sft
 
 STAGES = ("bootstrap", "generate", "sft", "dpo", "distill")
+RL_STAGES = ("none", "grpo")  # quickstart --rl: what runs after distill
 
 
 def preset_fingerprint(preset: Preset) -> str:
@@ -129,15 +131,20 @@ class LocalTeacher:
 
 @writes_folder("out")
 def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
-               gpu_hour_price: float | None = None, overwrite: bool = False, max_hours: float | None = None) -> dict:
+               gpu_hour_price: float | None = None, overwrite: bool = False, max_hours: float | None = None,
+               rl: str = "none") -> dict:
     """Run the whole recipe into `out` and write the report. Returns the report as a dict.
 
     Each training stage records its wall time, device, tokens and peak memory; with `gpu_hour_price`
     (dollars per GPU-hour) the report prices every stage and the whole run.
 
+    `rl="grpo"` adds GRPO (train/grpo.py) on the training problems after the last stage, with its own eval row.
+
     The time plan (calibrate.py) is said first: on a GPU preset always; on the CPU when this machine's calibration
     is cached or `max_hours` asks for one. A plan over `max_hours` stops here, before anything loads or is written."""
     out = Path(out)
+    if rl not in RL_STAGES:
+        raise BudgetReasonerError(f"--rl must be one of {', '.join(RL_STAGES)}, got {rl!r}")
     plan = plan_quickstart(preset, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
     if plan is not None:
         plan = still_to_run(plan, out)
@@ -186,6 +193,10 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         stage_runs.pop()
         say("distill: skipped, the teacher is a server: logit-level KD needs its weights here (same tokenizer); "
             "its chains already taught the student sequence-level through sft")
+    if rl == "grpo":  # RL after the recipe: from the last stage, on the same training problems
+        start = out / stage_runs[-1][0]
+        stage_runs.append(("grpo", lambda: grpo(out / "data" / "problems" / "train.jsonl", start, out / "grpo", preset,
+                                                domain, hardware, report_to)))
     for name, run_stage in stage_runs:
         record = run_stage()
         results["stages"][name] = {
@@ -244,7 +255,7 @@ def compute_per_stage(out: Path, results: dict, gpu_hour_price: float | None = N
     rows = [row("bootstrap", results["bootstrap"])] if "bootstrap" in results else []
     rows.append(row("generate", results["generate"]))
     cache = out / "distill" / "cache" / "COMPLETE.json"
-    for name in ("sft", "dpo", "distill"):
+    for name in ("sft", "dpo", "distill", "grpo"):
         if name == "distill" and cache.exists():
             rows.append(row("teacher top-k cache", read_json(cache)))
         if name in results["stages"]:

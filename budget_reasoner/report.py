@@ -6,7 +6,7 @@ from pathlib import Path
 
 from budget_reasoner.io import write_json
 
-STAGE_ORDER = ("base", "sft", "dpo", "distill")
+STAGE_ORDER = ("base", "sft", "dpo", "distill", "grpo")
 
 
 def _majority_key(summary: dict) -> str | None:
@@ -74,7 +74,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("sft", "dpo", "distill"):
+    for name in STAGE_ORDER[1:]:
         history = results["stages"].get(name, {}).get("loss", [])
         if history:
             losses.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
@@ -84,7 +84,7 @@ def plot(results: dict, path: Path) -> None:
     losses.legend()
     names = [name for name in STAGE_ORDER if name in results["stages"]] + (["teacher"] if results.get("teacher") else [])
     values = [(results["stages"].get(name) or results["teacher"])["accuracy"] for name in names]
-    bars = accuracy.bar(names, values, color=["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
+    bars = accuracy.bar(names, values, color=["#999999", "#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2"][: len(names)])
     accuracy.bar_label(bars, labels=[f"{v:.0%}" for v in values])
     accuracy.set_ylim(0, 1)
     accuracy.set_title("held-out accuracy (greedy)")

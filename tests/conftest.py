@@ -27,6 +27,8 @@ TINY = {
     "dpo.max_steps": 3, "dpo.batch_size": 2, "dpo.save_steps": 3,
     "distill.max_steps": 3, "distill.batch_size": 4, "distill.save_steps": 3,
     "eval.maj_k": 2, "eval.max_new_tokens": 24, "eval.batch_size": 32,
+    "grpo.max_steps": 2, "grpo.batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 16,
+    "grpo.save_steps": 2,
     "lora.r": 4, "lora.alpha": 8,
 }
 

@@ -52,9 +52,7 @@ def test_a_reward_that_raises_or_returns_nan_leaves_the_samples_out():
 
 def test_grpo_stage_from_the_toy_sft_student(tiny_run, tmp_path):
     out, preset, _ = tiny_run
-    settings = {**TINY, "grpo.max_steps": 2, "grpo.batch_size": 4, "grpo.num_generations": 2,
-                "grpo.max_completion_length": 16, "grpo.save_steps": 2}
-    args = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
+    args = [a for key, value in TINY.items() for a in ("--set", f"{key}={value}")]
     result = invoke("grpo", "--from", out / "sft", "--problems", out / "data" / "problems" / "train.jsonl",
                     "--out", tmp_path / "grpo", "--preset", "cpu-tiny", *args)
     assert result.exit_code == 0, result.output
@@ -64,3 +62,25 @@ def test_grpo_stage_from_the_toy_sft_student(tiny_run, tmp_path):
     assert record["rewards"]["completions"] == 2 * 4  # every sampled completion was graded once
     sft_base = json.loads((out / "sft" / "stage.json").read_text())["base"]  # recorded relative to its folder
     assert (tmp_path / "grpo" / record["base"]).resolve() == (out / "sft" / sft_base).resolve()
+
+
+def test_quickstart_rl_grpo_adds_the_stage_to_a_finished_run(tiny_run, tmp_path, monkeypatch):
+    """A finished run rerun with --rl grpo: every earlier stage is skipped, GRPO runs from distill, and the report
+    gains its held-out row and its compute line."""
+    import shutil
+
+    from budget_reasoner import recipe
+    from tests.conftest import stand_in_for
+
+    out, preset, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)  # run folders are relocatable
+    sft_written = (run / "sft" / "stage.json").stat().st_mtime_ns
+    monkeypatch.setattr(recipe, "make_teacher", lambda teacher, *args: stand_in_for(teacher))
+    results = recipe.quickstart(run, preset, rl="grpo")
+    assert (run / "sft" / "stage.json").stat().st_mtime_ns == sft_written
+    grpo_record = json.loads((run / "grpo" / "stage.json").read_text())
+    assert (run / "grpo" / grpo_record["base"]).resolve() == (run / "models" / "student-base").resolve()
+    assert 0.0 <= results["stages"]["grpo"]["accuracy"] <= 1.0
+    assert [row["stage"] for row in results["compute"]][-2:] == ["grpo", "eval (6 runs)"]
+    assert "| grpo |" in (run / "report.md").read_text()
