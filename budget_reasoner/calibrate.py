@@ -104,6 +104,7 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
     from budget_reasoner.train.distill import cache_teacher_topk, distill
     from budget_reasoner.train.dpo import dpo
     from budget_reasoner.train.pretrain import build_offline_tokenizer, teacher_examples, train_from_scratch
+    from budget_reasoner.train.common import encode_prompt_completion
     from budget_reasoner.train.sft import sft
     from budget_reasoner.verify import check
 
@@ -131,15 +132,11 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
         # bootstrap: per-step from the loop's own log (steps 1 and 11), tokenizing from a timed slice
         examples = teacher_examples(dataclasses.replace(preset, pretrain=dataclasses.replace(pretrain, num_problems=2000)), set())
         started = time.perf_counter()
-        from budget_reasoner.train.common import encode_prompt_completion
-
         for question, completion in examples:
             encode_prompt_completion(tokenizer, [{"role": "user", "content": question}], completion)
         encode_example = (time.perf_counter() - started) / len(examples)
         per_step = {}
-        for role in models:
-            model = build_tiny_model(tokenizer, preset.model.tiny_teacher if role == "teacher" else preset.model.tiny_student,
-                                     max_positions=positions, seed=preset.seed)
+        for role, model in models.items():  # saved above, so the stages below start from the untrained weights
             history = train_from_scratch(model, tokenizer, examples[:256], 11, pretrain.batch_size, pretrain.learning_rate,
                                          preset.seed, f"calibrate {role}")
             per_step[role] = (history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
@@ -196,16 +193,11 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
                     seconds=time.perf_counter() - began)
 
 
-def _batches(problems: int, shard_size: int, per_problem: int, batch: int) -> float:
-    """Decode work in full-batch equivalents for `problems` answered `per_problem` times, shard by shard: the
-    calibration timed a batch of `batch` sequences, and on the CPU a tiny model's batch costs about its size."""
-    prompts_per_batch = max(1, batch // per_problem)
-    total = 0.0
-    for start in range(0, problems, shard_size):
-        shard = min(shard_size, problems - start)
-        full, rest = divmod(shard, prompts_per_batch)
-        total += (full * prompts_per_batch + rest) * per_problem / batch
-    return total
+def _batches(problems: int, per_problem: int, batch: int) -> float:
+    """Decode work in full-batch equivalents for `problems` answered `per_problem` times: the calibration timed a
+    batch of `batch` sequences, and on the CPU a tiny model's batch costs about its size, so a part-full batch (the
+    last of a shard, or one that `batch // per_problem` prompts do not fill) costs its share."""
+    return problems * per_problem / batch
 
 
 def plan_time_on_cpu(preset: Preset, rates: CpuRates, teacher_steps: int | None = None) -> TimePlan:
@@ -222,7 +214,7 @@ def plan_time_on_cpu(preset: Preset, rates: CpuRates, teacher_steps: int | None 
         how = (f"teacher {steps} steps{' (the median that reaches its accuracy target)' if targeted else ''} + "
                f"{checks} checks, student {pretrain.student_steps} steps")
         stages.append(StageTime("bootstrap", 0, seconds, how))
-    chain_batches = _batches(work.train_problems, gen.shard_size, gen.samples_per_problem, gen.batch_size)
+    chain_batches = _batches(work.train_problems, gen.samples_per_problem, gen.batch_size)
     stages.append(StageTime("generate", int(work.chains * work.chain_tokens),
                             chain_batches * rates.generate_batch + work.chains * rates.grade_chain,
                             f"{chain_batches:.1f} batches of {gen.batch_size} chains, decoded to the longest chain"))
@@ -235,8 +227,8 @@ def plan_time_on_cpu(preset: Preset, rates: CpuRates, teacher_steps: int | None 
                                 f"{settings.max_steps} steps x {rates.step[stage] * 1000:.0f} ms + "
                                 f"{rates.fixed[stage]:.1f} s set-up"))
     per_model = 1 + (ev.maj_k if ev.maj_k > 1 else 0)
-    greedy = _batches(work.eval_problems, gen.shard_size, 1, ev.batch_size)
-    sampled = _batches(work.eval_problems, gen.shard_size, ev.maj_k, ev.batch_size) if ev.maj_k > 1 else 0.0
+    greedy = _batches(work.eval_problems, 1, ev.batch_size)
+    sampled = _batches(work.eval_problems, ev.maj_k, ev.batch_size) if ev.maj_k > 1 else 0.0
     decode = greedy + sampled
     seconds = decode * (rates.eval_batch["teacher"] + rates.eval_batch["direct"] + 3 * rates.eval_batch["chain"])
     seconds += work.eval_models * work.eval_problems * per_model * rates.grade_chain
@@ -375,9 +367,9 @@ def _setting(preset: Preset, knob: str):
 
         return seed_problem_count(preset)
     if knob == "eval.benchmark_problems" and value == 0:
-        from budget_reasoner.plan import benchmark_problem_count
+        from budget_reasoner.plan import benchmark_problem_counts
 
-        return benchmark_problem_count(preset)
+        return sum(benchmark_problem_counts(preset))
     return value
 
 

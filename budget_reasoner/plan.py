@@ -30,6 +30,7 @@ then run the same numerics, so a trainer sees one dtype layout on either.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -234,35 +235,36 @@ class Workload:
     chain_tokens: float  # mean generated tokens per teacher chain
     sft_examples: int  # verified chains kept: what the teacher's top-k cache scores
     eval_models: int  # models quickstart evaluates (base, a local teacher, sft, dpo, distill)
-    eval_problems: int  # per model: the held-out split and every benchmark sample
-    eval_files: tuple[int, ...]  # ... as the problem files eval answers one by one (held-out, then each benchmark)
+    eval_files: tuple[int, ...]  # problems per model, per file eval answers one by one (held-out, then each benchmark)
     eval_tokens: float  # mean generated tokens per eval answer
     local_teacher: bool
+
+    @property
+    def eval_problems(self) -> int:
+        return sum(self.eval_files)
 
     def training_sequence(self, preset) -> float:
         """Tokens of one padded training sequence (prompt + chain, at most max_length)."""
         return min(preset.model.max_length, (self.prompt_tokens + self.chain_tokens) * BATCH_PADDING)
 
 
-def seed_problem_count(preset) -> int:
-    """Training problems the preset's seed sets add (their training splits, or the sample it asks for)."""
+@functools.lru_cache(maxsize=32)  # the planner counts them again at every replan: read each file once
+def problem_set_size(spec: str, train: bool) -> int:
     from budget_reasoner.problems import load_benchmark, parse_problem_source
 
-    total = sum(len(load_benchmark(*parse_problem_source(spec), train=True)) for spec in preset.generate.seed_sets)
+    return len(load_benchmark(*parse_problem_source(spec), train=train))
+
+
+def seed_problem_count(preset) -> int:
+    """Training problems the preset's seed sets add (their training splits, or the sample it asks for)."""
+    total = sum(problem_set_size(spec, True) for spec in preset.generate.seed_sets)
     return min(total, preset.generate.num_seed_problems) if preset.generate.num_seed_problems else total
 
 
 def benchmark_problem_counts(preset) -> list[int]:
     """Problems quickstart evaluates on each of the preset's benchmarks (a seeded sample of benchmark_problems)."""
-    from budget_reasoner.problems import load_benchmark, parse_problem_source
-
-    sizes = [len(load_benchmark(*parse_problem_source(spec))) for spec in preset.eval.benchmarks]
     cap = preset.eval.benchmark_problems
-    return [min(size, cap) if cap else size for size in sizes]
-
-
-def benchmark_problem_count(preset) -> int:
-    return sum(benchmark_problem_counts(preset))
+    return [min(size, cap) if cap else size for size in (problem_set_size(spec, False) for spec in preset.eval.benchmarks)]
 
 
 def workload(preset, teacher: str | None = None, prompt_tokens: float = PROMPT_TOKENS, chain_fill: float = CHAIN_FILL,
@@ -282,12 +284,11 @@ def workload(preset, teacher: str | None = None, prompt_tokens: float = PROMPT_T
         train_problems=problems, chains=problems * gen.samples_per_problem, prompt_tokens=prompt_tokens,
         chain_tokens=gen.max_new_tokens * chain_fill, sft_examples=round(problems * kept_per_problem),
         eval_models=3 + 2 * local_teacher,  # base, sft, dpo; a local teacher adds its own eval and distill
-        eval_problems=gen.num_eval_problems + benchmark_problem_count(preset),
         eval_files=(gen.num_eval_problems, *benchmark_problem_counts(preset)),
         eval_tokens=preset.eval.max_new_tokens * eval_fill, local_teacher=local_teacher)
 
 
-def decode_batches(problem_counts: list[int], shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
+def decode_batches(problem_counts: tuple[int, ...] | list[int], shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
     """(batches, sequences in a full batch) as sampling/local.generate_texts runs them: each problem file a shard
     (`shard_size` problems) at a time, `batch_size // num_samples` prompts (all their samples) per batch."""
     import math
@@ -420,8 +421,8 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
     eval_sequences = work.eval_problems * (1 + samples)
     eval_plan = plan_for(preset, "eval", device, backend, supports_bf16)
     # per problem file and shard: the greedy answers, then the samples (eval/run.py)
-    greedy_batches, greedy_in_flight = decode_batches(list(work.eval_files), gen.shard_size, ev.batch_size, 1)
-    sample_batches, sample_in_flight = (decode_batches(list(work.eval_files), gen.shard_size, ev.batch_size, samples)
+    greedy_batches, greedy_in_flight = decode_batches(work.eval_files, gen.shard_size, ev.batch_size, 1)
+    sample_batches, sample_in_flight = (decode_batches(work.eval_files, gen.shard_size, ev.batch_size, samples)
                                         if samples else (0, 0))
 
     def eval_seconds(shape) -> float:
