@@ -149,13 +149,17 @@ def quickstart(
     max_hours: Optional[float] = typer.Option(None, min=0, help="Stop before anything loads if the plan (`budget-reasoner "
                                               "plan`) takes longer; on the CPU this calibrates first (~1 min)."),
     rl: str = typer.Option("none", help="RL after the recipe: none, or grpo (from the last stage, on the training problems)."),
+    rounds: int = typer.Option(1, help="Self-play rounds: 1 trains on the teacher's chains alone; each further round "
+                                       "samples the last student's chains, keeps the verified ones beside the teacher's "
+                                       "and continues SFT on them (OUT/sft-round-N)."),
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     settings = _preset(preset, set_)  # first: it settles the backend before the stages are imported
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
-    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite, max_hours, rl)
+    results = run_quickstart(out, settings, domain, _report_to(report_to), gpu_hour_price, overwrite, max_hours, rl,
+                             rounds)
     typer.echo(markdown(results))
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -179,9 +183,11 @@ def bootstrap_command(
 @app.command()
 @friendly_errors
 def generate(
-    teacher: str = typer.Option(..., help="Teacher model: a local path, a hub id, or openai:MODEL for an OpenAI-compatible server "
+    teacher: Optional[str] = typer.Option(None, help="Teacher model: a local path, a hub id, or openai:MODEL for an OpenAI-compatible server "
                                           "(BUDGET_REASONER_TEACHER_URL; its key, if any, in BUDGET_REASONER_TEACHER_KEY; "
                                           "requests in flight: --set generate.concurrency=N)."),
+    sampler: Optional[Path] = typer.Option(None, help="Self-play: a trained student stage folder (e.g. runs/quick/sft) "
+                                                      "samples the chains instead of a teacher, verified the same way."),
     out: Path = typer.Option(Path("runs/data"), help="Output folder: problems/, chains/, sft/, pairs/."),
     domain: str = typer.Option("math", help="The narrow domain."),
     seed_set: Optional[list[str]] = typer.Option(None, help="Training problems beside the procedural ones: gsm8k (its hub "
@@ -195,17 +201,22 @@ def generate(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
-    """Sample chains from a teacher, keep the ones the verifier accepts, and build the SFT set and preference pairs."""
+    """Sample chains from a teacher (or a student stage), keep the ones the verifier accepts, and build the SFT set
+    and preference pairs."""
+    if (teacher is None) == (sampler is None):
+        raise BudgetReasonerError("generate needs one of --teacher MODEL or --sampler STAGE_DIR")
     price = _token_price(token_price)
     settings = _preset(preset, set_)
     from budget_reasoner.generate import generate as run_generate
     from budget_reasoner.hardware import hardware_for
-    from budget_reasoner.recipe import make_teacher
+    from budget_reasoner.recipe import make_sampler, make_teacher
 
     settings.generate.seed_sets += seed_set or []
     settings.generate.decontaminate += decontaminate or []
-    summary = run_generate(out, settings, make_teacher(teacher, settings, hardware_for(settings)), domain, overwrite,
-                           token_price=price)
+    hardware = hardware_for(settings)
+    source = make_teacher(teacher, settings, hardware) if teacher else make_sampler(sampler, settings, hardware)
+    summary = run_generate(out, settings, source, domain, overwrite, token_price=price,
+                           allow_none_verified=sampler is not None)
     cost = f"; {summary['cost_usd']:.4f} USD for the teacher's tokens" if "cost_usd" in summary else ""
     typer.echo(f"{summary['verified_chains']}/{summary['chains']} chains verified; "
                f"{summary['sft_examples']} SFT examples, {summary['pairs']} pairs -> {out}{cost}")

@@ -4,6 +4,9 @@
     OUT/models/             offline only: the tiny teacher and student base, trained from scratch
     OUT/data/               generate: problems, teacher chains, the SFT set, preference pairs
     OUT/sft/ dpo/ distill/  one LoRA adapter over the student base each (distill/cache: teacher top-k)
+    OUT/selfplay-R/         --rounds N, round R > 1: the previous round's student's chains on the training problems
+                            (a generate folder), and merged/ the SFT set of the teacher's and its verified chains
+    OUT/sft-round-R/        SFT continued from the previous round's adapter on that set; dpo starts from the last
     OUT/eval/NAME/          held-out accuracy of base, teacher, sft, dpo, distill
     OUT/report.{md,json,png}
     OUT/MODEL_CARD.md       the model card (model_card.py): results per stage, how to prompt it, licences
@@ -24,7 +27,7 @@ from budget_reasoner.config import Preset
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
-from budget_reasoner.generate.pipeline import problem_settings, write_problems
+from budget_reasoner.generate.pipeline import merge_chains, problem_settings, write_problems
 from budget_reasoner.generate.teachers import OpenAITeacher, TransformersTeacher, is_server_teacher
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import (COMPLETE, LOCK, claim_stage, digest, mark_complete, read_json, settings_of, write_json,
@@ -32,7 +35,7 @@ from budget_reasoner.io import (COMPLETE, LOCK, claim_stage, digest, mark_comple
 from budget_reasoner.model_card import write_run_card
 from budget_reasoner.problems import PROBLEM_COLUMNS, load_benchmark, parse_problem_source
 from budget_reasoner.progress import quiet_libraries, say
-from budget_reasoner.report import log_to_wandb, write_report
+from budget_reasoner.report import log_to_wandb, round_of, self_play_rounds, write_report
 from budget_reasoner.sampling.server import redact
 from budget_reasoner.train.distill import cache_teacher_topk, distill
 from budget_reasoner.train.dpo import dpo
@@ -50,8 +53,9 @@ def preset_fingerprint(preset: Preset) -> str:
     return digest(preset.to_dict())
 
 
-def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = False) -> None:
-    """Write run.json, or check that an existing run folder was made by the same preset and domain.
+def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = False, rounds: int | None = None) -> None:
+    """Write run.json, or check that an existing run folder was made by the same preset and domain (and, once a
+    quickstart recorded them, the same self-play `rounds`: dpo and what follows it train from the last round).
 
     With `overwrite`, a folder of another run (or of no run) is emptied first: deleted, not moved aside, and only
     once this process holds its lock (quickstart's caller took it), so a refused run deletes nothing."""
@@ -64,6 +68,11 @@ def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = F
                 f"{out} holds a run of preset {existing.get('preset')!r} (domain {existing.get('domain')!r}) with other "
                 f"settings; pass a new --out folder, or --overwrite to delete it and start over"
             )
+        if rounds is not None and existing.get("rounds", rounds) != rounds:
+            raise BudgetReasonerError(f"{out} holds a run of {existing['rounds']} self-play round(s) (--rounds); pass "
+                                      f"--rounds {existing['rounds']} to resume it, or a new --out folder")
+        if rounds is not None and "rounds" not in existing:
+            write_json(path, {**existing, "rounds": rounds})
         return
     if out.exists() and any(path.name != LOCK for path in out.iterdir()):
         if not overwrite:
@@ -74,7 +83,7 @@ def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = F
             if entry.name != LOCK:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         say(f"quickstart: --overwrite: deleted the previous contents of {out}")
-    write_json(path, record)
+    write_json(path, record | ({"rounds": rounds} if rounds is not None else {}))
 
 
 def model_paths(out: Path, preset: Preset) -> tuple[str, str]:
@@ -113,11 +122,22 @@ def make_teacher(teacher: str, preset: Preset, hardware: Hardware):
     return LocalTeacher(teacher, preset, hardware)
 
 
-class LocalTeacher:
-    """A local teacher model that loads on its first sample: a generate refused (another run's folder) or already
-    complete never loads it. `source` is the model, so its content is part of the generate folder's fingerprint."""
+def make_sampler(stage: str | Path, preset: Preset, hardware: Hardware):
+    """A trained student stage (base + its LoRA adapter, loaded as eval loads it) sampling chains in the teacher's
+    place (self-play, `generate --sampler`); its chains' `teacher` column names the stage folder."""
+    stage = Path(stage)
+    if not (stage / "stage.json").is_file():
+        raise BudgetReasonerError(f"--sampler {stage}: not a trained stage folder (no stage.json); pass the folder of an "
+                                  f"sft, dpo, distill or grpo stage, or a plain model with --teacher")
+    return LocalTeacher(stage, preset, hardware)
 
-    def __init__(self, path: str, preset: Preset, hardware: Hardware):
+
+class LocalTeacher:
+    """A local teacher model (or a student stage folder) that loads on its first sample: a generate refused
+    (another run's folder) or already complete never loads it. `source` is the model, so its content is part of
+    the generate folder's fingerprint."""
+
+    def __init__(self, path: str | Path, preset: Preset, hardware: Hardware):
         self.source, self.name, self.device = str(path), redact(Path(path).name), hardware.device
         self._preset, self._hardware, self._teacher = preset, hardware, None
 
@@ -132,7 +152,7 @@ class LocalTeacher:
 @writes_folder("out")
 def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
                gpu_hour_price: float | None = None, overwrite: bool = False, max_hours: float | None = None,
-               rl: str = "none") -> dict:
+               rl: str = "none", rounds: int = 1) -> dict:
     """Run the whole recipe into `out` and write the report. Returns the report as a dict.
 
     Each training stage records its wall time, device, tokens and peak memory; with `gpu_hour_price`
@@ -140,11 +160,17 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
 
     `rl="grpo"` adds GRPO (train/grpo.py) on the training problems after the last stage, with its own eval row.
 
+    `rounds` > 1 adds self-play rounds (expert iteration) after sft: round R samples the round R-1 student's
+    chains on the training problems, keeps the verified ones beside the teacher's (generate.merge_chains states
+    the rule) and continues SFT from the previous adapter into OUT/sft-round-R; dpo then starts from the last.
+
     The time plan (calibrate.py) is said first: on a GPU preset always; on the CPU when this machine's calibration
     is cached or `max_hours` asks for one. A plan over `max_hours` stops here, before anything loads or is written."""
     out = Path(out)
     if rl not in RL_STAGES:
         raise BudgetReasonerError(f"--rl must be one of {', '.join(RL_STAGES)}, got {rl!r}")
+    if rounds < 1:
+        raise BudgetReasonerError(f"--rounds must be at least 1 (1: the teacher's chains alone), got {rounds}")
     plan = plan_quickstart(preset, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
     if plan is not None:
         plan = still_to_run(plan, out)
@@ -155,7 +181,7 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
 
         if max_hours is not None and (verdict := over_budget(plan, preset, max_hours, replan)):
             raise BudgetReasonerError(verdict)
-    claim_run_folder(out, preset, domain, overwrite)
+    claim_run_folder(out, preset, domain, overwrite, rounds)
     quiet_libraries()
     if preset.threads:
         torch.set_num_threads(preset.threads)
@@ -184,9 +210,14 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     results["stages"]["base"] = {**held_out_eval("base", student)}
     # a complete data folder is verified and skipped; a local teacher loads only if chains remain to be sampled
     results["generate"] = generate(out / "data", preset, make_teacher(teacher, preset, hardware), domain)
+    sft_rounds = [("sft", lambda: sft(out / "data" / "sft" / "train.jsonl", student, out / "sft", preset, hardware, report_to))]
+    for round_ in range(2, rounds + 1):  # self-play: each round from the one before it
+        sft_rounds.append((f"sft-round-{round_}", functools.partial(self_play_round, out, round_, out / sft_rounds[-1][0],
+                                                                    preset, hardware, domain, report_to)))
     stage_runs = [
-        ("sft", lambda: sft(out / "data" / "sft" / "train.jsonl", student, out / "sft", preset, hardware, report_to)),
-        ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / "sft", out / "dpo", preset, hardware, report_to)),
+        *sft_rounds,
+        ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / sft_rounds[-1][0], out / "dpo", preset, hardware,
+                            report_to)),
         ("distill", lambda: distill_with_cache(out, teacher, preset, hardware, report_to)),
     ]
     if is_server_teacher(teacher):
@@ -217,6 +248,20 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     if report_to == "wandb":
         log_to_wandb(results)
     return results
+
+
+def self_play_round(out: Path, round_: int, previous: Path, preset: Preset, hardware: Hardware, domain,
+                    report_to: str) -> dict:
+    """Self-play round `round_`: the `previous` stage samples chains on the run's training problems as the teacher
+    did (OUT/selfplay-R, a generate folder: same problems, samples, temperature, verifier), its verified chains join
+    the teacher's (OUT/selfplay-R/merged), and SFT continues `previous`'s adapter on them (OUT/sft-round-R).
+    Each of the three is a stage that a rerun skips when complete and resumes when interrupted."""
+    sampled = out / f"selfplay-{round_}"
+    generate(sampled, preset, make_sampler(previous, preset, hardware), domain, allow_none_verified=True)
+    merged = merge_chains(sampled / "merged", [out / "data", sampled], preset.generate.instruction)
+    say(f"self-play round {round_}: {merged['sft_examples']} SFT examples ({merged['examples_alone'][0]} from the "
+        f"teacher's chains, {merged['examples_alone'][1]} from {previous.name}'s alone)")
+    return sft(sampled / "merged" / "train.jsonl", previous, out / f"sft-round-{round_}", preset, hardware, report_to)
 
 
 def benchmark_problems_file(out: Path, spec: str, preset: Preset) -> Path:
@@ -261,6 +306,10 @@ def compute_per_stage(out: Path, results: dict, gpu_hour_price: float | None = N
         if name in results["stages"]:
             rows.append(row(name, results["stages"][name], "train_seconds")
                         | {"peak_memory_gb": results["stages"][name].get("peak_memory_gb")})
+        for stage in self_play_rounds(results["stages"]) if name == "sft" else ():  # each: the sampling, then its SFT
+            rows.append(row(f"self-play sampling ({stage})", read_json(out / f"selfplay-{round_of(stage)}" / COMPLETE)))
+            rows.append(row(stage, results["stages"][stage], "train_seconds")
+                        | {"peak_memory_gb": results["stages"][stage].get("peak_memory_gb")})
     evals = [read_json(path) for path in sorted((out / "eval").glob("*/summary.json"))]
     if evals:
         rows.append({"stage": f"eval ({len(evals)} runs)", "seconds": sum(e["seconds"] for e in evals),

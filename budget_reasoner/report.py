@@ -7,6 +7,24 @@ from pathlib import Path
 from budget_reasoner.io import write_json
 
 STAGE_ORDER = ("base", "sft", "dpo", "distill", "grpo")
+SELF_PLAY = "sft-round-"  # quickstart --rounds: sft-round-2, sft-round-3, ... between sft and dpo
+
+
+def round_of(stage: str) -> int:
+    return int(stage.removeprefix(SELF_PLAY))
+
+
+def self_play_rounds(stages: dict) -> list[str]:
+    """The self-play rounds' stage names in round order."""
+    return sorted((name for name in stages if name.startswith(SELF_PLAY)), key=round_of)
+
+
+def ordered_stages(stages: dict) -> list[str]:
+    """The names of `stages` in recipe order: STAGE_ORDER's, the self-play rounds right after sft."""
+    names = []
+    for name in STAGE_ORDER:
+        names += ([name] if name in stages else []) + (self_play_rounds(stages) if name == "sft" else [])
+    return names
 
 
 def _majority_key(summary: dict) -> str | None:
@@ -32,7 +50,7 @@ def markdown(results: dict) -> str:
         "| model | accuracy | majority vote | train time | tokens | peak memory | cost |",
         "|---|---|---|---|---|---|---|",
     ]
-    rows = [(name, results["stages"][name]) for name in STAGE_ORDER if name in results["stages"]]
+    rows = [(name, results["stages"][name]) for name in ordered_stages(results["stages"])]
     if results.get("teacher"):
         rows.append(("teacher", results["teacher"]))
     for name, summary in rows:
@@ -46,7 +64,7 @@ def markdown(results: dict) -> str:
     for spec, by_stage in (results.get("benchmarks") or {}).items():
         lines += ["", f"Benchmark `{spec}` ({next(iter(by_stage.values()), {}).get('problems', '?')} problems):", "",
                   "| model | accuracy | majority vote |", "|---|---|---|"]
-        for name in [*STAGE_ORDER, "teacher"]:
+        for name in [*ordered_stages(by_stage), "teacher"]:
             if name in by_stage:
                 key = _majority_key(by_stage[name])
                 vote = f"{by_stage[name][key]:.1%} ({key})" if key else "-"
@@ -74,7 +92,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in STAGE_ORDER[1:]:
+    for name in ordered_stages(results["stages"])[1:]:
         history = results["stages"].get(name, {}).get("loss", [])
         if history:
             losses.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
@@ -82,7 +100,7 @@ def plot(results: dict, path: Path) -> None:
     losses.set_ylabel("training loss")
     losses.set_title("loss per stage")
     losses.legend()
-    names = [name for name in STAGE_ORDER if name in results["stages"]] + (["teacher"] if results.get("teacher") else [])
+    names = ordered_stages(results["stages"]) + (["teacher"] if results.get("teacher") else [])
     values = [(results["stages"].get(name) or results["teacher"])["accuracy"] for name in names]
     bars = accuracy.bar(names, values, color=["#999999", "#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2"][: len(names)])
     accuracy.bar_label(bars, labels=[f"{v:.0%}" for v in values])

@@ -78,14 +78,16 @@ def write_problems(folder: Path, preset: Preset, domain: str = "math", overwrite
 
 @writes_folder("out")
 def generate(out: Path, preset: Preset, teacher, domain: str = "math", overwrite: bool = False,
-             token_price: tuple[float, float] | None = None) -> dict:
+             token_price: tuple[float, float] | None = None, allow_none_verified: bool = False) -> dict:
     """Sample `samples_per_problem` chains per training problem from `teacher`, verify, build SFT set and pairs.
 
     `teacher` is a backend from `budget_reasoner.generate.teachers` (anything with `.name` and `.sample`; a
-    `.source`, the model's path or name, makes its content part of the folder's fingerprint, else its name is).
+    `.source`, the model's path or name, makes its content part of the folder's fingerprint, else its name is);
+    a trained student stage samples for self-play the same way (recipe.make_sampler).
     `out` resumes only what the same teacher and settings started (io.claim_stage); `overwrite` starts over.
     `token_price` (USD per million prompt tokens, per million completion tokens) prices an API teacher's tokens
-    in the stage record.
+    in the stage record. No verified chain at all is an error (a wrong teacher or preset) unless
+    `allow_none_verified`: a weak student's self-play samples may truly have none.
     """
     out = Path(out)
     generate_settings = {key: value for key, value in settings_of(preset, "generate")["generate"].items()
@@ -128,7 +130,7 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math", overwrite
     if token_price is not None:
         summary["token_price_usd_per_million"] = {"prompt": token_price[0], "completion": token_price[1]}
         summary["cost_usd"] = (summary["prompt_tokens"] * token_price[0] + summary["tokens"] * token_price[1]) / 1e6
-    if not sft_rows:
+    if not sft_rows and not allow_none_verified:
         raise BudgetReasonerError(f"generate: the verifier accepted none of {len(chains)} teacher chains; check the teacher and --preset")
     write_json(out / "summary.json", summary)
     mark_complete(out, summary)
@@ -180,6 +182,29 @@ def build_sft_rows(chains: list[dict], instruction: str = "") -> list[dict]:
             rows.append({"id": samples[0]["id"], "prompt": chat_prompt(samples[0]["question"], instruction),
                          "completion": [{"role": "assistant", "content": completion}]})
     return rows
+
+
+def merge_chains(out: Path, sources: list[Path], instruction: str = "", overwrite: bool = False) -> dict:
+    """One SFT set from the verified chains of several generate folders (self-play: the teacher's, then a student's).
+
+    The rule, build_sft_rows' over the sources' chains in the order given: per problem, the distinct verified
+    chains (exact text), the first source's before the next one's, at most MAX_SFT_CHAINS_PER_PROBLEM. A student's
+    chain thus adds to a problem only what the teacher's chains lack: a problem the teacher never solved, or a
+    second, different solution. Writes `out/train.jsonl`; `out` is a stage folder of its own (fingerprinted on its
+    sources), so a rerun skips it and changed sources are refused, never mixed."""
+    out = Path(out)
+    settings = {"instruction": instruction, "max_per_problem": MAX_SFT_CHAINS_PER_PROBLEM}
+    if (record := claim_stage(out, "merge-chains", {f"chains-{i}": source for i, source in enumerate(sources)},
+                              settings, overwrite, record=COMPLETE)) is not None:
+        return record
+    chains = [read_shards(Path(source) / "chains", CHAIN_COLUMNS, CHAIN_KINDS) for source in sources]
+    rows = build_sft_rows([row for rows in chains for row in rows], instruction)
+    write_jsonl(out / "train.jsonl", rows)
+    alone = [len(build_sft_rows(rows, instruction)) for rows in chains]  # what each source gives on its own
+    summary = {"sources": [str(source) for source in sources], "sft_examples": len(rows), "examples_alone": alone,
+               "problems": len({row["id"] for row in rows})}
+    mark_complete(out, summary)
+    return summary
 
 
 def build_pairs(chains: list[dict], instruction: str = "", cut_rejected=None) -> list[dict]:

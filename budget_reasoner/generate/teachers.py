@@ -9,11 +9,9 @@ that turns chat prompts into k sampled completions (text, or `Generated` objects
 from __future__ import annotations
 
 import os
-import urllib.parse
 
-from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.sampling import Generated
-from budget_reasoner.sampling.server import ServerSampler, redact
+from budget_reasoner.sampling.server import ServerSampler, redact, server_url
 
 
 class TransformersTeacher:
@@ -36,13 +34,7 @@ class OpenAITeacher(ServerSampler):
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 600,
                  concurrency: int = 64, max_retries: int = 5, **retry):
-        base_url = base_url or os.environ.get("BUDGET_REASONER_TEACHER_URL", "")
-        if not base_url:
-            raise BudgetReasonerError("an OpenAI-compatible teacher needs BUDGET_REASONER_TEACHER_URL (e.g. http://localhost:8000/v1)")
-        if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
-            # not echoed: without a scheme we cannot tell which part of it is a key
-            raise BudgetReasonerError("BUDGET_REASONER_TEACHER_URL must start with http:// or https:// (e.g. http://localhost:8000/v1)")
-        super().__init__(model, base_url, api_key or os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY"), timeout,
+        super().__init__(model, server_url(base_url), api_key or os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY"), timeout,
                          concurrency, max_retries, **retry)
 
 
