@@ -307,12 +307,17 @@ def distill_command(
 @app.command("cache")
 @friendly_errors
 def cache_command(
-    teacher: str = typer.Option(..., help="Teacher model path or hub id (must share the student's tokenizer)."),
+    teacher: str = typer.Option(..., help="Teacher model path or hub id (must share the student's tokenizer); with "
+                                "--server, or as openai:MODEL, the model's name on the server."),
     data: Path = typer.Option(..., help="Sequence-level data (SFT JSONL): the sequences the teacher scores."),
     out: Path = typer.Option(Path("runs/distill/cache"), help="The cache folder (safetensors shards + COMPLETE.json)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Log-probs kept per position (default: the preset's distill.top_k)."),
     stream_layers: bool = typer.Option(False, "--stream-layers", help="Read the teacher's decoder layers from its safetensors "
                                        "one at a time (a teacher bigger than the memory); the same cache, slower."),
+    server: Optional[str] = typer.Option(None, "--server", help="Score with TEACHER served at this OpenAI-compatible URL "
+                                         "(…/v1) that returns prompt log-probs: `vllm serve TEACHER --max-logprobs K`."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="With a server: the tokenizer that makes the ids "
+                                            "it scores, which it must share (default: the student's, model.student)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
@@ -323,7 +328,10 @@ def cache_command(
         settings.distill.top_k = top_k
     from budget_reasoner.train.distill import cache_teacher_topk
 
-    info = cache_teacher_topk(teacher, data, out, settings, overwrite=overwrite, stream_layers=stream_layers)
+    if server and stream_layers:
+        raise BudgetReasonerError("--stream-layers reads a local checkpoint, --server scores on the server: pass one")
+    info = cache_teacher_topk(teacher, data, out, settings, overwrite=overwrite, stream_layers=stream_layers,
+                              server=server, tokenizer_source=tokenizer)
     typer.echo(f"teacher cache: {out} ({info['examples']} sequences, {info['cached_positions']:,} positions, "
                f"top-{info['top_k']}, {info['bytes_per_token']:.1f} bytes/position)")
 

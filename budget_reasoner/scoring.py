@@ -1,10 +1,12 @@
 """Scoring: token sequences in, a teacher's top-k log-probs out, and the compact cache that holds them.
 
-The one place that does this (the distill cache and on-policy distillation both call it). Two sources give the
-same scores:
+The one place that does this (the distill cache and on-policy distillation both call it). Three sources give
+the same scores:
 - `LocalScorer`: the teacher loaded whole, one forward per batch (the ordinary path);
-- `LayerStreamedScorer` (scoring_layers.py): a teacher bigger than the card, its decoder layers read from the
-  checkpoint one at a time, each pushed over the whole batch's hidden states and freed.
+- `LayerStreamedScorer`: a teacher bigger than the card, its decoder layers read from the checkpoint one at a
+  time, each pushed over the whole batch's hidden states and freed;
+- `ServerScorer`: a teacher served by vLLM, whose /v1/completions returns prompt log-probs (sent as token ids,
+  through the chains teacher's HTTP client: sampling/server.py).
 
 Only the positions training reads are scored and kept: position p predicts token p + 1, so a sequence's cached
 positions are those whose next token is a completion token. The prompt's positions (a third of the tokens on
@@ -37,6 +39,8 @@ import torch
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import COMPLETE, _atomic, digest, read_json, verify_complete
+from budget_reasoner.progress import say
+from budget_reasoner.sampling.server import OpenAIClient, _concurrently, _Retry
 
 CACHE_FORMAT = "topk-safetensors-v1"  # in every shard's header and the manifest; a JSONL cache has none
 LOGPROB_FLOOR = -60000.0  # float16's range ends at -65504: a -inf log-prob (a masked or softcapped logit) is kept finite
@@ -271,8 +275,17 @@ class CheckpointTensors:
                 raise BudgetReasonerError(f"{path}: missing (listed in {index}); download the checkpoint's missing "
                                           f"shards, then rerun")
             header, start = _safetensors_header(path)
+            size = path.stat().st_size
+            needed = start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+            if needed > size:
+                raise BudgetReasonerError(f"{path}: cut short ({size:,} bytes, its tensors need {needed:,}); download "
+                                          f"it again, then rerun")
             for name, entry in header.items():
                 self.entries[name] = (path, start, entry)
+        for name, path in (files or {}).items():
+            if name not in self.entries or self.entries[name][0] != path:
+                raise BudgetReasonerError(f"{path}: has no tensor {name} (listed there in {index}); the index and the "
+                                          f"shards are from different downloads: download the checkpoint again")
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -340,11 +353,164 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """A checkpoint file's tensor entries and where its data starts; one line naming it when it is no safetensors."""
     with path.open("rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
+        try:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if size > path.stat().st_size - 8:
+                raise ValueError("a header longer than the file")
+            header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            if not all(isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2 for entry in header.values()):
+                raise ValueError("an entry without data_offsets")
+        except (struct.error, ValueError, AttributeError, MemoryError, OverflowError):
+            raise BudgetReasonerError(f"{path}: not a safetensors file (its header does not read); download it "
+                                      f"again, then rerun") from None
     return header, 8 + size
+
+
+# ---- the server source: a teacher served by vLLM, its prompt log-probs ------------------------------------
+# What vLLM answers, read from its source (vllm-project/vllm, 2025-26):
+# - the request, vllm/entrypoints/openai/completion/protocol.py `CompletionRequest`: `prompt` may be a list of token
+#   ids (used as they are, no tokenizing: the ids we cache are the ids it scores); `prompt_logprobs: int` asks for
+#   the top-k at every prompt position. `max_tokens` must be >= 1 unless `echo` is set (`to_sampling_params`
+#   turns echo + max_tokens 0 into 1 anyway), so we ask for 1 generated token and ignore it.
+#   `return_tokens_as_token_ids` only changes the *generated* tokens' `logprobs` ("token_id:123" strings); the
+#   prompt log-probs are keyed by token id either way. Both key forms are read below.
+# - the answer, `CompletionResponseChoice.prompt_logprobs: list[dict[int, Logprob] | None]`, returned as the engine
+#   made it (completion/serving.py `request_output_to_completion_response`, -inf clamped to -9999.0 by
+#   `clamp_prompt_logprobs`); JSON turns the int keys into strings. One entry per prompt token: the first is None
+#   (nothing predicts the first token), entry p is the distribution of token p given tokens < p.
+# - each position's dict, vllm/v1/engine/logprobs.py `LogprobsProcessor._make_logprob_dict`: the prompt token
+#   itself first, with its true rank, then the top-k with ranks 1..k. So a dict holds k entries when the prompt
+#   token is in the top-k and k + 1 when it is not: the top-k are the entries of rank <= k.
+# - the values are log-softmax of the raw logits (vllm/config/model.py `logprobs_mode`, default "raw_logprobs"),
+#   before temperature or penalties: temperature 1, as the other sources score.
+# - the cap: prompt_logprobs above `--max-logprobs` (default 20) is refused with a 400 "Requested prompt logprobs
+#   of K, which is greater than max allowed: 20" (SamplingParams / the input processor's `_validate_logprobs`).
+# - prefix caching: vllm/sampling_params.py `SamplingParams.__post_init__` sets skip_reading_prefix_cache when
+#   prompt_logprobs is asked for ("the output of prompt logprobs may [be] less than n_prompt_tokens"); an older
+#   vLLM without that returns too few entries, refused below with the flag that turns prefix caching off.
+
+class ServerScorer(OpenAIClient):
+    """A teacher on an OpenAI-compatible server that returns prompt log-probs (vLLM's /v1/completions): one request
+    per sequence, `concurrency` in flight, retried like the chains teacher (sampling/server.py: 429, 5xx, timeouts).
+
+    The server tokenizes nothing (we send ids), so its tokenizer must be the one the ids were made with: `tokenizer`
+    (the student's, or the one named) is compared with the server's on the first sequence through vLLM's /tokenize,
+    and the cache records its hash, which distill checks against the student's."""
+
+    def __init__(self, model: str, base_url: str, tokenizer=None, api_key: str = "EMPTY", timeout: float = 600,
+                 concurrency: int = 64, max_retries: int = 5, **retry):
+        super().__init__(model, base_url, api_key, timeout, concurrency, max_retries, **retry)
+        self.tokenizer, self.top_k, self.tokenizer_checked = tokenizer, 0, tokenizer is None
+        self.device = torch.device("cpu")  # where scores come back (the cache's peak memory is this process's)
+
+    def max_model_len(self) -> int | None:
+        """The served model's context length, from GET /models (vLLM's cards carry `max_model_len`)."""
+        lengths = [card.get("max_model_len") for card in self._models() if card["id"] == self.model]
+        return lengths[0] if lengths and isinstance(lengths[0], int) else None
+
+    def score(self, encoded: list[tuple[list[int], list[int]]], top_k: int) -> list[ScoredSequence]:
+        self.top_k = top_k
+        if not self.tokenizer_checked and encoded:
+            self.check_tokenizer(encoded[0][0])
+        scored: list[ScoredSequence | None] = [None] * len(encoded)
+        for index, result in _concurrently(list(range(len(encoded))), lambda i: self._score_one(*encoded[i], top_k),
+                                           self.concurrency):
+            scored[index] = result
+        return scored
+
+    def _score_one(self, ids: list[int], mask: list[int], top_k: int) -> ScoredSequence:
+        start, stop = cached_span(mask)
+        body = {"model": self.model, "prompt": list(ids), "max_tokens": 1, "temperature": 1.0,
+                "prompt_logprobs": top_k, "return_tokens_as_token_ids": True}
+        entries = self._request("completions", body, lambda raw: self._prompt_logprobs(raw, len(ids)))
+        topk_ids = torch.empty((stop - start, top_k), dtype=torch.long)
+        topk_logprobs = torch.empty((stop - start, top_k), dtype=torch.float32)
+        for row, position in enumerate(range(start, stop)):
+            # cache position p predicts token p + 1: the server's entry p + 1
+            topk_ids[row], topk_logprobs[row] = self._top_k(entries[position + 1], ids[position + 1], top_k)
+        return ScoredSequence(list(ids), start, topk_ids, topk_logprobs)
+
+    def _prompt_logprobs(self, raw: bytes, length: int) -> list:
+        try:
+            payload = json.loads(raw)
+            choice = payload["choices"][0]
+            if not isinstance(choice, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, IndexError):
+            excerpt = self._scrub(raw[:80].decode("utf-8", "replace")).replace("\n", " ")
+            raise _Retry(f"a malformed answer, not a completion ({excerpt!r})") from None
+        entries = choice.get("prompt_logprobs")
+        if not entries:
+            raise BudgetReasonerError(self._no_prompt_logprobs("its answer has no prompt_logprobs"))
+        if len(entries) != length:
+            raise BudgetReasonerError(
+                f"{self._where()}: returned prompt log-probs for {len(entries)} of the {length} tokens sent: an older "
+                f"vLLM returns none for tokens its prefix cache holds; start it with --no-enable-prefix-caching")
+        return entries
+
+    def _top_k(self, entry, next_id: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A position's top-k (ids, log-probs) from vLLM's dict of {token id: {logprob, rank, decoded_token}}."""
+        try:
+            parsed = [(int(str(key).removeprefix("token_id:")), float(value["logprob"]), value.get("rank"))
+                      for key, value in entry.items()]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise BudgetReasonerError(f"{self._where()}: its prompt_logprobs are not vLLM's shape (a dict of "
+                                      f"{{token id: {{logprob, rank, decoded_token}}}} a position): {str(entry)[:80]!r}") from None
+        if next_id not in {token for token, _, _ in parsed}:
+            raise BudgetReasonerError(f"{self._where()}: its prompt log-probs do not include the token sent (id "
+                                      f"{next_id}): it scored something else than the token ids sent")
+        # the prompt token rides along at its own rank when it is not in the top-k: keep ranks 1..k
+        top = sorted((entry for entry in parsed if entry[2] is None or entry[2] <= top_k), key=lambda e: (-e[1], e[2] or 0))
+        if len(top) < top_k:
+            raise BudgetReasonerError(self._too_few(len(top)))
+        return torch.tensor([token for token, _, _ in top[:top_k]]), torch.tensor([value for _, value, _ in top[:top_k]])
+
+    def check_tokenizer(self, ids: list[int]) -> None:
+        """The server's tokenizer against ours, on the first sequence's text (vLLM's POST /tokenize). A server
+        without /tokenize is said once and trusted: the cache's tokenizer hash is then ours alone."""
+        self.tokenizer_checked = True
+        text = self.tokenizer.decode(ids)
+        ours = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        source = getattr(self.tokenizer, "name_or_path", "") or "the local tokenizer"
+
+        def tokens(raw: bytes) -> list[int]:
+            try:
+                return [int(token) for token in json.loads(raw)["tokens"]]
+            except (ValueError, KeyError, TypeError):
+                raise _Retry("a malformed /tokenize answer") from None
+
+        try:
+            theirs = self._request("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}, tokens)
+        except BudgetReasonerError as error:
+            say(f"{self._where()}: cannot compare its tokenizer with {source} ({str(error).rsplit(': ', 1)[-1]}); "
+                f"the served model must share it, or the cache's ids are read as other tokens")
+            return
+        if theirs != ours:
+            first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            raise BudgetReasonerError(
+                f"{self._where()}: tokenizes differently from {source} (the first sequence: {len(theirs)} tokens there, "
+                f"{len(ours)} here, the first difference at token {first}); logit-level KD needs the served model to "
+                f"share the student's tokenizer: serve one of its family, or pass --tokenizer with the served one's")
+
+    def _refusal(self, said: str) -> str:
+        if "max allowed" in said or "max_logprobs" in said:  # vLLM's cap on log-probs per position
+            return self._flag_hint()
+        if "prompt_logprobs" in said or "prompt must be a string" in said:  # transformers serve: unknown field, text only
+            return "it takes no prompt_logprobs or no token-id prompt; " + self._flag_hint()
+        return "the server refused the request"
+
+    def _no_prompt_logprobs(self, what: str) -> str:
+        return f"{self._where()}: {what}; {self._flag_hint()}"
+
+    def _too_few(self, returned: int) -> str:
+        return f"{self._where()}: returned {returned} log-probs at a position, {self.top_k} asked for; {self._flag_hint()}"
+
+    def _flag_hint(self) -> str:
+        return (f"scoring needs {self.top_k} prompt log-probs a position: serve the teacher with vLLM, `vllm serve MODEL "
+                f"--max-logprobs {max(self.top_k, 20)}` (it caps them at 20 unless told), or lower --top-k")
 
 
 # ---- writing shards -----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ both checked before training starts.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from budget_reasoner.kernels.patch import fused_kd_loss
 from budget_reasoner.memory import teacher_cache_batch
 from budget_reasoner.models import describe_precision, load_model, load_tokenizer
 from budget_reasoner.progress import progress_bar, say
-from budget_reasoner.scoring import (CACHE_FORMAT, DamagedShard, LayerStreamedScorer, LocalScorer, TopKCache,
+from budget_reasoner.sampling.server import redact, server_url
+from budget_reasoner.scoring import (CACHE_FORMAT, DamagedShard, LayerStreamedScorer, LocalScorer, ServerScorer, TopKCache,
                                      read_cache_manifest, shard_counts, shard_file, tokenizer_hash, write_shard)
 from budget_reasoner.stages import tokenizer_of
 from budget_reasoner.train.common import (encode_prompt_completion, load_for_training, save_stage, stage_info,
@@ -44,17 +46,27 @@ __all__ = ["cache_teacher_topk", "distill", "collate_kd", "tokenizer_hash"]
 @writes_folder("cache_dir")
 @torch.no_grad()
 def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path, preset: Preset,
-                       hardware: Hardware | None = None, overwrite: bool = False, stream_layers: bool = False) -> dict:
+                       hardware: Hardware | None = None, overwrite: bool = False, stream_layers: bool = False,
+                       server: str | None = None, tokenizer_source: str | Path | None = None) -> dict:
     """Score every example of `sft_file` with the teacher once; save its top-k at the completion positions.
 
     The teacher loads as the preset loads models (4-bit on the GPU presets, so a 7B teacher fits a T4) and
     its LM head runs a chunk of positions at a time, so no tokens x vocab logits exist. Rows go to disk a
     shard (`generate.shard_size` examples) at a time; a rerun skips finished shards and writes a damaged one again.
     `stream_layers`: never load the teacher whole; read its decoder layers from the checkpoint one at a time
-    (scoring.LayerStreamedScorer), for a teacher bigger than the memory. Both sources write the same cache.
+    (scoring.LayerStreamedScorer), for a teacher bigger than the memory. `server` (or a teacher named
+    `openai:MODEL`, the URL then from BUDGET_REASONER_TEACHER_URL): the model served there by vLLM scores through
+    its prompt log-probs (scoring.ServerScorer); the ids are made with `tokenizer_source` (default: the student's,
+    model.student), which the served model must share. All sources write the same cache.
     """
     cache_dir = Path(cache_dir)
     rows = read_jsonl(sft_file, SFT_COLUMNS, SFT_KINDS)
+    serving = server is not None or is_server_name(str(teacher_path))
+    inputs = {"teacher": teacher_path, "data": sft_file}
+    if serving:  # named as the chains teacher names a server; the tokenizer that makes the ids is an input too
+        teacher_path = "openai:" + str(teacher_path).removeprefix("openai:")
+        tokenizer_source = str(tokenizer_source or preset.model.student)
+        inputs = {"teacher": teacher_path, "data": sft_file, "tokenizer": tokenizer_source}
     if is_distributed() and not (cache_dir / "COMPLETE.json").is_file():
         # every rank would score the same sequences and write the same shards at once
         raise BudgetReasonerError(f"{cache_dir}: the teacher's top-k cache is built in one process: run `budget-reasoner "
@@ -62,20 +74,26 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
     # the shard size sets which examples each shard holds, so a resume with another one would mix layouts;
     # the format, so a cache an older version wrote is refused in one line rather than misread
     settings = {**settings_of(preset, *MODEL_SETTINGS, "distill.top_k", "generate.shard_size"), "cache.format": CACHE_FORMAT}
-    if (info := claim_stage(cache_dir, "teacher top-k cache", {"teacher": teacher_path, "data": sft_file}, settings,
-                            overwrite, record="COMPLETE.json")) is not None:
+    if (info := claim_stage(cache_dir, "teacher top-k cache", inputs, settings, overwrite,
+                            record="COMPLETE.json")) is not None:
         return info
     hardware = hardware or hardware_for(preset)
-    tokenizer = tokenizer_of(teacher_path)
-    check_sequence_lengths(tokenizer, rows, sft_file, teacher_path)
+    if serving:
+        scorer, tokenizer = server_scorer(str(teacher_path), server, tokenizer_source, preset, rows, sft_file)
+    else:
+        tokenizer = tokenizer_of(teacher_path)
+        check_sequence_lengths(tokenizer, rows, sft_file, teacher_path)
     started = time.time()
-    if stream_layers:
+    top_k, shard_size, batch_size = preset.distill.top_k, preset.generate.shard_size, teacher_cache_batch(preset)
+    if serving:  # (a preset's distill.stream_layers is about a local checkpoint: not this one)
+        stream_layers = False
+        batch_size, vocab_size = preset.generate.concurrency, len(tokenizer)  # a batch: the requests in flight at once
+    elif stream_layers:
         scorer = LayerStreamedScorer(teacher_path, tokenizer.pad_token_id, preset.model.attention)
         vocab_size = scorer.weights.shape(scorer.head_name)[0]
     else:
         scorer = LocalScorer(load_model(teacher_path, preset, hardware), tokenizer.pad_token_id)
         vocab_size = scorer.head.shape[0]
-    top_k, shard_size, batch_size = preset.distill.top_k, preset.generate.shard_size, teacher_cache_batch(preset)
     totals = {"sequences": 0, "tokens": 0, "positions": 0, "max_topk_id": -1, "max_input_id": -1}
     with progress_bar() as bar, PeakMemory(scorer.device.type) as peak:
         task = bar.add_task("cache teacher top-k", total=len(rows))
@@ -97,14 +115,38 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
                 totals[key] = max(totals[key], counts[key]) if key.startswith("max_") else totals[key] + counts[key]
     compute = add_session(cache_dir, time.time() - started, peak.bytes)  # summed over the sessions that wrote shards
     shard_bytes = sum(path.stat().st_size for path in cache_dir.glob("shard-*.safetensors"))
-    info = {"format": CACHE_FORMAT, "teacher": str(teacher_path), "top_k": top_k, "temperature": 1.0,
+    info = {"format": CACHE_FORMAT, "teacher": scorer.name if serving else str(teacher_path), "top_k": top_k, "temperature": 1.0,
             "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "source_data": input_digest(sft_file),
             "examples": totals["sequences"], "tokens": totals["tokens"], "cached_positions": totals["positions"],
             "max_topk_id": totals["max_topk_id"], "max_input_id": totals["max_input_id"], "bytes": shard_bytes,
             # per cached position, everything in the shards included (ids, offsets, headers): the figure to hold to k x 6
-            "bytes_per_token": shard_bytes / max(totals["positions"], 1), "device": hardware.describe(), **compute}
+            "bytes_per_token": shard_bytes / max(totals["positions"], 1),
+            "device": f"server {redact(scorer.base_url)}" if serving else hardware.describe(), **compute}
     mark_complete(cache_dir, info)
     return info
+
+
+def is_server_name(teacher: str) -> bool:
+    """`openai:MODEL` names a model on a server, as for the chains teacher (generate/teachers.is_server_teacher)."""
+    return teacher.startswith("openai:")
+
+
+def server_scorer(teacher: str, server: str | None, tokenizer_source: str, preset: Preset, rows: list[dict],
+                  sft_file: Path) -> tuple[ServerScorer, object]:
+    """The served teacher (its requests paced by generate.concurrency, max_retries and request_timeout, as the
+    chains teacher's) and the local tokenizer that makes the ids it scores; the sequences checked against the
+    served context length first."""
+    tokenizer = tokenizer_of(tokenizer_source)
+    settings = preset.generate
+    scorer = ServerScorer(teacher.removeprefix("openai:"), server_url(server), tokenizer,
+                          os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY"), settings.request_timeout,
+                          settings.concurrency, settings.max_retries)
+    say(f"cache: {scorer.name} at {redact(scorer.base_url)} scores ids made with the tokenizer of {tokenizer_source}"
+        f"{'' if tokenizer_source != preset.model.student else ' (the student: model.student)'}; the served model "
+        f"must share it (--tokenizer to name another)")
+    if (length := scorer.max_model_len()) is not None:  # the prompt and the one token vLLM must generate
+        check_sequence_lengths(tokenizer, rows, sft_file, teacher, positions=length - 1)
+    return scorer, tokenizer
 
 
 def finished_shard(path: Path) -> dict | None:
@@ -118,14 +160,17 @@ def finished_shard(path: Path) -> dict | None:
         return None
 
 
-def check_sequence_lengths(tokenizer, rows: list[dict], sft_file: Path, teacher_path: str | Path) -> None:
-    """The teacher scores whole sequences (nothing is cut): refuse, with a count, any longer than its positions."""
+def check_sequence_lengths(tokenizer, rows: list[dict], sft_file: Path, teacher_path: str | Path,
+                           positions: int | None = None) -> None:
+    """The teacher scores whole sequences (nothing is cut): refuse, with a count, any longer than its positions
+    (`positions`, else its config's)."""
     from transformers import AutoConfig
 
-    try:
-        positions = getattr(AutoConfig.from_pretrained(str(teacher_path)), "max_position_embeddings", None)
-    except OSError as error:
-        raise BudgetReasonerError(f"cannot load model {str(teacher_path)!r}: {str(error).splitlines()[0]}") from None
+    if positions is None:
+        try:
+            positions = getattr(AutoConfig.from_pretrained(str(teacher_path)), "max_position_embeddings", None)
+        except OSError as error:
+            raise BudgetReasonerError(f"cannot load model {str(teacher_path)!r}: {str(error).splitlines()[0]}") from None
     if not positions:
         return
     lengths = [len(encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])[0]) for row in rows]
