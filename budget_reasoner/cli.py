@@ -299,7 +299,8 @@ def distill_command(
     settings = _preset(preset, set_)
     from budget_reasoner.train.distill import cache_teacher_topk, distill
 
-    cache_teacher_topk(teacher, data, out / "cache", settings, overwrite=overwrite)
+    cache_teacher_topk(teacher, data, out / "cache", settings, overwrite=overwrite,
+                       stream_layers=settings.distill.stream_layers)
     record = distill(out / "cache", student, out, settings, report_to=_report_to(report_to), overwrite=overwrite)
     typer.echo(f"distill adapter: {out / 'adapter'} ({record['seconds']:.0f} s)")
 
@@ -313,7 +314,8 @@ def cache_command(
     out: Path = typer.Option(Path("runs/distill/cache"), help="The cache folder (safetensors shards + COMPLETE.json)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Log-probs kept per position (default: the preset's distill.top_k)."),
     stream_layers: bool = typer.Option(False, "--stream-layers", help="Read the teacher's decoder layers from its safetensors "
-                                       "one at a time (a teacher bigger than the memory); the same cache, slower."),
+                                       "one at a time (a teacher bigger than the memory); the same cache, slower. "
+                                       "Default: the preset's distill.stream_layers."),
     server: Optional[str] = typer.Option(None, "--server", help="Score with TEACHER served at this OpenAI-compatible URL "
                                          "(…/v1) that returns prompt log-probs: `vllm serve TEACHER --max-logprobs K`."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="With a server: the tokenizer that makes the ids "
@@ -330,8 +332,9 @@ def cache_command(
 
     if server and stream_layers:
         raise BudgetReasonerError("--stream-layers reads a local checkpoint, --server scores on the server: pass one")
-    info = cache_teacher_topk(teacher, data, out, settings, overwrite=overwrite, stream_layers=stream_layers,
-                              server=server, tokenizer_source=tokenizer)
+    info = cache_teacher_topk(teacher, data, out, settings, overwrite=overwrite,
+                              stream_layers=stream_layers or settings.distill.stream_layers, server=server,
+                              tokenizer_source=tokenizer)
     typer.echo(f"teacher cache: {out} ({info['examples']} sequences, {info['cached_positions']:,} positions, "
                f"top-{info['top_k']}, {info['bytes_per_token']:.1f} bytes/position)")
 

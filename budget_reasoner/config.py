@@ -124,6 +124,15 @@ class DistillConfig(TrainConfig):
     # KD over k+1 buckets: the teacher's top-k plus the probability mass outside it, against the student's full
     # softmax at those ids plus its own tail (fused_linear_kd_loss's `tail`); temperature 1.0 only, torch kernels
     kd_tail: bool = False
+    # Who scores the chains for the top-k cache (empty: model.teacher, when it is local). The teacher's two jobs
+    # are apart: generate.teacher writes chains (a server, a hosted API), distill.teacher only reads them, one
+    # forward each, so a checkpoint far bigger than the card can do it a layer at a time (stream_layers).
+    teacher: str = ""
+    stream_layers: bool = False  # scoring.LayerStreamedScorer: one decoder layer in memory at a time
+    # Streamed: tokens (padded) per pass over the layers. A pass reads the whole checkpoint from disk once, so it
+    # must serve many tokens; their hidden states wait in host memory (stream_tokens x hidden x 2 bytes: 2 GiB
+    # for a 72B's 8,192), a block at a time on the card.
+    stream_tokens: int = 131072
 
 
 @dataclass
@@ -173,6 +182,8 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
+    # Who writes the chains (empty: model.teacher): a local model, or openai:MODEL for any compatible server
+    teacher: str = ""
     maj_k: int = 4  # samples per problem for pass@k, maj@k (self-consistency) and best-of-k; 1 = greedy only
     temperature: float = 0.7
     max_new_tokens: int = 64
@@ -221,6 +232,19 @@ class Rule:
 def at_least(low: float) -> Rule:
     return Rule(lambda value: value >= low, f">= {low}")
 
+    @property
+    def chain_teacher(self) -> str:
+        """The model that writes the chains (generate): generate.teacher, else model.teacher."""
+        return self.generate.teacher or self.model.teacher
+
+    @property
+    def scoring_teacher(self) -> str | None:
+        """The model that scores the chains for logit-level KD (the distill cache): distill.teacher, else
+        model.teacher when it is local. None: nothing here can score (a server chain teacher and no distill.teacher)."""
+        if self.distill.teacher:
+            return self.distill.teacher
+        return None if self.model.teacher.startswith("openai:") else self.model.teacher
+
 
 def above(low: float) -> Rule:
     return Rule(lambda value: value > low, f"> {low}")
@@ -265,7 +289,7 @@ RULES: dict[type, dict[str, Rule]] = {
     TrainConfig: {"max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "learning_rate": above(0),
                   "warmup_ratio": between(0, 1), "save_steps": POSITIVE, "optimizer": one_of(*OPTIMIZERS)},
     DpoConfig: {"beta": above(0), "sft_weight": NON_NEGATIVE},
-    DistillConfig: {"top_k": POSITIVE, "temperature": above(0), "alpha": between(0, 1)},
+    DistillConfig: {"top_k": POSITIVE, "temperature": above(0), "alpha": between(0, 1), "stream_tokens": POSITIVE},
     GrpoConfig: {"num_generations": at_least(2), "max_completion_length": POSITIVE, "temperature": above(0),
                  "beta": NON_NEGATIVE, "loss_type": one_of("grpo", "dr_grpo", "dapo", "bnpo"), "epsilon": above(0),
                  "epsilon_high": above(0), "format_weight": NON_NEGATIVE, "length_weight": NON_NEGATIVE},
@@ -318,6 +342,9 @@ def _rules_for(cls: type) -> dict[str, Rule]:
 
 def check_positions(preset: Preset, positions: int | None, model: str) -> None:
     """model.max_length against the positions a loaded model has (its config's max_position_embeddings)."""
+    # each problem of a step is sampled num_generations times
+    ("distill.stream_layers", lambda p: not (p.distill.stream_layers and (p.scoring_teacher or "").startswith("openai:")),
+     "false when the scoring teacher is a server (openai:...): streaming reads a local checkpoint"),
     if positions is not None and preset.model.max_length > positions:
         raise BudgetReasonerError(f"preset {preset.name}: model.max_length must be <= {positions} (the positions of "
                                   f"{model}), got {preset.model.max_length}")

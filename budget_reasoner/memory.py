@@ -249,6 +249,8 @@ def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "ge
     the top-k cache (a quarter of `generate.batch_size` sequences)."""
     if task not in INFERENCE_STAGES:
         raise BudgetReasonerError(f"inference task must be generate, cache or eval, got {task!r}")
+    if task == "cache" and preset.distill.stream_layers:
+        return estimate_streamed_cache_memory(shape, device)
     plan = plan_for(preset, task, device)
     compute = DTYPE_BYTES[plan.compute_dtype]
     estimate = _with_weights(shape, plan)
@@ -266,6 +268,25 @@ def estimate_inference_memory(shape: ModelShape, preset: Preset, task: str = "ge
         parts["forward (one layer, no grad)"] = tokens * layer_transient * compute
         parts["final hidden states"] = tokens * shape.hidden * compute
         parts["top-k logits (one chunk)"] = chunk_tokens_for(shape.vocab, device) * shape.vocab * 4 * 2
+    return _with_cuda_overheads(estimate, device)
+
+
+def estimate_streamed_cache_memory(shape: ModelShape, device: str = "cuda") -> MemoryEstimate:
+    """The top-k cache by layer streaming (scoring.LayerStreamedScorer) on `device`: one decoder layer in its
+    stored 16-bit dtype, one block of sequences' activations and one block of fp32 logits (`work_bytes` each,
+    STREAM_WORK_BYTES on CUDA), one block of LM-head rows. The batch's hidden states and the prefetched next
+    layer wait in host memory (distill.stream_tokens x hidden x 2 bytes, and one layer more): not the card's."""
+    from budget_reasoner.scoring import STREAM_HEAD_ROWS, STREAM_WORK_BYTES
+
+    stored = 2  # bf16 / fp16 checkpoints
+    work = STREAM_WORK_BYTES if device == "cuda" else STREAM_HEAD_ROWS * shape.hidden * stored
+    estimate = MemoryEstimate()
+    estimate.parts.update({
+        "one decoder layer (streamed, 16-bit)": sum(a * b for a, b in shape.linear_shapes().values()) * stored,
+        "one block's activations": work,
+        "LM-head rows (one block)": STREAM_HEAD_ROWS * shape.hidden * stored,
+        "top-k logits (one block, fp32)": work,
+    })
     return _with_cuda_overheads(estimate, device)
 
 
@@ -297,7 +318,9 @@ def estimate_stage(preset: Preset, stage: str, model: str | None = None) -> tupl
     """(model, estimate) of any stage: training and eval run the student, generate and cache the teacher."""
     if stage not in TRAINING_STAGES + INFERENCE_STAGES:
         raise BudgetReasonerError(f"--stage must be one of {', '.join(TRAINING_STAGES + INFERENCE_STAGES)}, got {stage!r}")
-    model = model or (preset.model.teacher if stage in TEACHER_STAGES else preset.model.student)
+    if model is None:
+        teachers = {"generate": preset.chain_teacher, "cache": preset.scoring_teacher or preset.chain_teacher}
+        model = teachers.get(stage, preset.model.student)
     if stage in TRAINING_STAGES:
         return model, estimate_training_memory(read_model_shape(model), preset, stage)
     return model, estimate_inference_memory(read_model_shape(model), preset, stage)
@@ -305,10 +328,12 @@ def estimate_stage(preset: Preset, stage: str, model: str | None = None) -> tupl
 
 def preset_fits(preset: Preset, vram_gb: float, headroom: float = HEADROOM) -> tuple[bool, dict[str, MemoryEstimate]]:
     """Whether every stage of `preset` fits `vram_gb` with `headroom`, and the estimates. A server teacher
-    (openai:MODEL) runs elsewhere: its generation and cache are not this card's."""
+    (openai:MODEL) runs elsewhere: its generation (generate.teacher) or scoring (distill.teacher) is not this
+    card's, and with a server chain teacher and no distill.teacher quickstart skips the cache."""
     stages = TRAINING_STAGES + INFERENCE_STAGES
-    if preset.model.teacher.startswith("openai:"):
-        stages = tuple(stage for stage in stages if stage not in TEACHER_STAGES)
+    served = {"generate": preset.chain_teacher.startswith("openai:"),
+              "cache": (preset.scoring_teacher or "openai:").startswith("openai:")}
+    stages = tuple(stage for stage in stages if not served.get(stage, False))
     estimates = {stage: estimate_stage(preset, stage)[1] for stage in stages}
     return all(e.fits(vram_gb, headroom) for e in estimates.values()), estimates
 

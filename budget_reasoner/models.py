@@ -129,16 +129,21 @@ def torch_dtype(preset: Preset, hardware: Hardware) -> torch.dtype:
     return getattr(torch, training_plan(preset, hardware).compute_dtype)
 
 
+def attn_implementation(attention: str) -> str:
+    """A preset's `model.attention` as transformers' `attn_implementation`: budget_flash is our fused kernel,
+    registered with transformers' attention interface under a name of its own."""
+    if attention == "budget_flash":
+        from budget_reasoner.kernels.attention import register_attention
+
+        return register_attention()
+    return attention
+
+
 def load_model(name_or_path: str | Path, preset: Preset, hardware: Hardware, quantize: bool | None = None):
     """Load a causal LM with transformers (4-bit when the preset asks): inference, teachers, and training off Unsloth."""
     quantize = preset.quantization.load_in_4bit if quantize is None else quantize
     dtype = torch_dtype(preset, hardware)
-    attention = preset.model.attention
-    if attention == "budget_flash":
-        from budget_reasoner.kernels.attention import register_attention
-
-        attention = register_attention()  # our fused kernel, through transformers' attention interface
-    kwargs = {"dtype": dtype, "attn_implementation": attention}
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(preset.model.attention)}
     if quantize:
         from transformers import BitsAndBytesConfig
 

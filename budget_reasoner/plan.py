@@ -237,7 +237,8 @@ class Workload:
     eval_models: int  # models quickstart evaluates (base, a local teacher, sft, dpo, distill)
     eval_files: tuple[int, ...]  # problems per model, per file eval answers one by one (held-out, then each benchmark)
     eval_tokens: float  # mean generated tokens per eval answer
-    local_teacher: bool
+    local_teacher: bool  # the chain teacher runs here (and is evaluated)
+    scorer: str | None = None  # who scores the chains for distill (distill.teacher); None: distill is skipped
 
     @property
     def eval_problems(self) -> int:
@@ -275,17 +276,18 @@ def workload(preset, teacher: str | None = None, prompt_tokens: float = PROMPT_T
     from budget_reasoner.generate.pipeline import MAX_SFT_CHAINS_PER_PROBLEM
 
     gen = preset.generate
-    teacher = teacher or preset.model.teacher
+    teacher = teacher or preset.chain_teacher
     local_teacher = not teacher.startswith("openai:")
+    scorer = preset.distill.teacher or (teacher if local_teacher else None)
     problems = gen.num_train_problems + seed_problem_count(preset)
     if kept_per_problem is None:
         kept_per_problem = min(MAX_SFT_CHAINS_PER_PROBLEM, gen.samples_per_problem * pass_rate)
     return Workload(
         train_problems=problems, chains=problems * gen.samples_per_problem, prompt_tokens=prompt_tokens,
         chain_tokens=gen.max_new_tokens * chain_fill, sft_examples=round(problems * kept_per_problem),
-        eval_models=3 + 2 * local_teacher,  # base, sft, dpo; a local teacher adds its own eval and distill
+        eval_models=3 + local_teacher + (scorer is not None),  # base, sft, dpo; a local teacher's own; distill
         eval_files=(gen.num_eval_problems, *benchmark_problem_counts(preset)),
-        eval_tokens=preset.eval.max_new_tokens * eval_fill, local_teacher=local_teacher)
+        eval_tokens=preset.eval.max_new_tokens * eval_fill, local_teacher=local_teacher, scorer=scorer)
 
 
 def decode_batches(problem_counts: tuple[int, ...] | list[int], shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
@@ -356,7 +358,7 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
         raise BudgetReasonerError(f"--gpus must be at least 1 and --replicas at least 0, got {gpus} and {replicas}")
     from budget_reasoner.memory import lora_parameters, read_model_shape
 
-    teacher = teacher or preset.model.teacher
+    teacher = teacher or preset.chain_teacher
     work = workload(preset, teacher)
     student, teacher_shape = read_model_shape(preset.model.student), None
     device = "cuda"
@@ -400,16 +402,14 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
     sequence = work.training_sequence(preset)
     mfu = TRAINING_MFU.get(backend, TRAINING_MFU["bitsandbytes"])
     for stage in ("sft", "dpo", "distill"):
-        if stage == "distill" and not work.local_teacher:
+        if stage == "distill" and work.scorer is None:
             continue
         settings = getattr(preset, stage)
         sequences = settings.max_steps * settings.batch_size * settings.grad_accum * (2 if stage == "dpo" else 1)
         tokens = sequences * sequence
         if stage == "distill":
-            cache_tokens = work.sft_examples * sequence
-            flops = 2 * (teacher_shape.linear_parameters + teacher_shape.vocab * teacher_shape.hidden) * cache_tokens
-            stages.append(priced("cache", cache_tokens, flops / (card.tflops16 * 1e12 * SCORING_MFU),
-                                 f"teacher forward over {work.sft_examples:,} verified chains, FLOP-bound"))
+            stages.append(cache_time(preset, read_model_shape(work.scorer.removeprefix("openai:")), work, sequence,
+                                     card, priced))
         flops = training_flops_per_token(student, preset, stage, lora, sequence) * tokens
         how = (f"{settings.max_steps} steps x {sequences // settings.max_steps} sequences of ~{sequence:.0f} tokens, "
                f"FLOP-bound at {mfu:.0%} MFU")
@@ -440,6 +440,31 @@ def plan_time_on_card(preset, card, backend: str = "bitsandbytes", teacher: str 
                          f"{work.eval_models} models x {work.eval_problems:,} problems x {eval_sequences // work.eval_problems} "
                          f"answers, bandwidth-bound"))
     return TimePlan(preset.name, f"{card.name} ({card.total_gib:g} GiB)", source, tuple(stages))
+
+
+# Layer streaming reads the whole checkpoint from disk once per pass. A PCIe 4.0 NVMe drive reads 5-7 GB/s in
+# sequential reads; the scorer reads tensor by tensor through the page cache: assumed 3 GB/s.
+NVME_READ_GBS = 3.0
+
+
+def cache_time(preset, shape, work: Workload, sequence: float, card, priced) -> StageTime:
+    """The teacher's top-k over the verified chains: one forward, FLOP-bound at SCORING_MFU. Streamed
+    (distill.stream_layers), every pass over stream_tokens reads the checkpoint (16-bit) from NVMe while the card
+    computes the layer before (prefetch): a pass takes the longer of the two."""
+    tokens = work.sft_examples * sequence
+    flops_per_token = 2 * (shape.linear_parameters + shape.vocab * shape.hidden)
+    compute = flops_per_token * tokens / (card.tflops16 * 1e12 * SCORING_MFU)
+    where = f"{work.scorer.removeprefix('openai:')} over {work.sft_examples:,} verified chains"
+    if not preset.distill.stream_layers:
+        return priced("cache", tokens, compute, f"{where}, one forward, FLOP-bound")
+    # as cache_teacher_topk batches them: within a shard, as many sequences as fill stream_tokens (padded)
+    per_pass = max(1, int(preset.distill.stream_tokens // sequence))
+    passes, _ = decode_batches([work.sft_examples], preset.generate.shard_size, per_pass, 1)
+    read = shape.parameters * 2 / (NVME_READ_GBS * 1e9)
+    seconds = passes * max(read, compute / passes)
+    return priced("cache", tokens, seconds, f"{where}, streamed a layer at a time: {passes} passes, each reading "
+                  f"{shape.parameters * 2 / 1e9:.0f} GB from NVMe at {NVME_READ_GBS:g} GB/s ({read:.0f} s) beside "
+                  f"{compute / passes:.0f} s of compute")
 
 
 def busy_concurrency(shape, plan: Plan, card) -> int:

@@ -86,15 +86,18 @@ def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = F
     write_json(path, record | ({"rounds": rounds} if rounds is not None else {}))
 
 
-def model_paths(out: Path, preset: Preset) -> tuple[str, str]:
-    """(student base, teacher): offline names resolve into OUT/models, anything else is a hub id or path."""
-    student = str(out / "models" / "student-base") if preset.model.student == "tiny-student" else preset.model.student
-    teacher = str(out / "models" / "teacher") if preset.model.teacher == "tiny-teacher" else preset.model.teacher
-    return student, teacher
+def model_paths(out: Path, preset: Preset) -> tuple[str, str, str | None]:
+    """(student base, chain teacher, scoring teacher or None): offline names resolve into OUT/models, anything
+    else is a hub id, a path or an openai: server."""
+    def resolve(name: str | None) -> str | None:
+        offline = {"tiny-student": "student-base", "tiny-teacher": "teacher"}
+        return str(out / "models" / offline[name]) if name in offline else name
+
+    return resolve(preset.model.student), resolve(preset.chain_teacher), resolve(preset.scoring_teacher)
 
 
 def needs_bootstrap(preset: Preset) -> bool:
-    return preset.model.student == "tiny-student" or preset.model.teacher == "tiny-teacher"
+    return "tiny-student" == preset.model.student or "tiny-teacher" in (preset.chain_teacher, preset.scoring_teacher)
 
 
 @writes_folder("out")
@@ -187,7 +190,7 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         torch.set_num_threads(preset.threads)
     hardware = hardware_for(preset)
     say(f"budget-reasoner quickstart: preset {preset.name} on {hardware.describe()} -> {out}")
-    student, teacher = model_paths(out, preset)
+    student, teacher, scorer = model_paths(out, preset)
     held_out = out / "data" / "problems" / "held_out.jsonl"
     results: dict = {"preset": preset.name, "domain": domain, "hardware": hardware.describe(), "stages": {}}
     if needs_bootstrap(preset):
@@ -218,12 +221,13 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
         *sft_rounds,
         ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / sft_rounds[-1][0], out / "dpo", preset, hardware,
                             report_to)),
-        ("distill", lambda: distill_with_cache(out, teacher, preset, hardware, report_to)),
+        ("distill", lambda: distill_with_cache(out, scorer, preset, hardware, report_to)),
     ]
-    if is_server_teacher(teacher):
+    if scorer is None:
         stage_runs.pop()
-        say("distill: skipped, the teacher is a server: logit-level KD needs its weights here (same tokenizer); "
-            "its chains already taught the student sequence-level through sft")
+        say("distill: skipped, the chain teacher is a server and no distill.teacher can score its chains (a local "
+            "checkpoint of the same tokenizer, streamed a layer at a time if it is bigger than the card, or a vLLM "
+            "server with prompt log-probs); its chains already taught the student sequence-level through sft")
     if rl == "grpo":  # RL after the recipe: from the last stage, on the same training problems
         start = out / stage_runs[-1][0]
         stage_runs.append(("grpo", lambda: grpo(out / "data" / "problems" / "train.jsonl", start, out / "grpo", preset,
@@ -279,9 +283,10 @@ def benchmark_problems_file(out: Path, spec: str, preset: Preset) -> Path:
 
 
 def distill_with_cache(out: Path, teacher: str, preset: Preset, hardware: Hardware, report_to: str) -> dict:
-    """Cache the teacher's top-k over the verified chains, then distill the dpo student against it."""
+    """Cache the scoring teacher's top-k over the verified chains, then distill the dpo student against it."""
     cache = out / "distill" / "cache"
-    cache_teacher_topk(teacher, out / "data" / "sft" / "train.jsonl", cache, preset, hardware)
+    cache_teacher_topk(teacher, out / "data" / "sft" / "train.jsonl", cache, preset, hardware,
+                       stream_layers=preset.distill.stream_layers)
     return distill(cache, out / "dpo", out / "distill", preset, hardware, report_to)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 import mmap
 import struct
 from dataclasses import dataclass
@@ -144,8 +145,13 @@ class LayerStreamedScorer:
     block of LM-head rows) in memory at a time. Decoder-only models laid out as Qwen2/Llama are
     (model.embed_tokens, model.layers.N, model.norm, lm_head or tied embeddings)."""
 
-    def __init__(self, checkpoint: str | Path, pad_token_id: int, attention: str = "sdpa", head_rows: int = 8192,
-                 work_bytes: int | None = None):
+    def __init__(self, checkpoint: str | Path, pad_token_id: int, attention: str = "sdpa", head_rows: int = STREAM_HEAD_ROWS,
+                 work_bytes: int | None = None, device: str | torch.device = "cpu", prefetch: bool | None = None):
+        """`device`: where each layer computes. The batch's hidden states stay in host memory (pinned on CUDA) and
+        go to the device a block of sequences at a time, so the card holds one layer, one block's activations and
+        one LM-head block: a 72B's 80 layers of 1.7 GB (bf16) and a shard's hidden states need no more than that.
+        `prefetch` (default: on CUDA): read the next layer from disk on a thread while the device computes the
+        current one. On the CPU it would hold two layers and compete with the compute for the same cores."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         _return_freed_memory()
@@ -153,21 +159,28 @@ class LayerStreamedScorer:
         self.weights = CheckpointTensors(self.checkpoint)
         config = AutoConfig.from_pretrained(self.checkpoint)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+            self.model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation(attention)).eval()
         decoder = self.model.model
         decoder.rotary_emb = type(decoder.rotary_emb)(config=decoder.config)  # its inv_freq buffer, computed for real
-        self.config, self.device = decoder.config, torch.device("cpu")
+        self.config, self.device = decoder.config, torch.device("cpu")  # where scores come back (host memory)
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
         self.head_name = "lm_head.weight" if "lm_head.weight" in self.weights else "model.embed_tokens.weight"
         head = self.weights.entries[self.head_name][2]
         self.itemsize = _TORCH_DTYPES[head["dtype"]].itemsize
-        self.work_bytes = work_bytes or head_rows * head["shape"][1] * self.itemsize
+        # on the CPU the activations are paid out of the memory bound's LM-head term (see the note above); a card
+        # has room to spare beside one layer, and small blocks would leave it idle
+        self.work_bytes = work_bytes or (STREAM_WORK_BYTES if self.compute_device.type == "cuda"
+                                         else head_rows * head["shape"][1] * self.itemsize)
 
     def rows_per_block(self, length: int) -> int:
         """Sequences of `length` tokens a layer runs over at once, so its activations fit `work_bytes`: per token,
         the MLP's gate, up and product (intermediate_size each) and a few hidden-size temporaries (the attention's
         q, k, v, output and the residual), in the compute dtype."""
         config = self.config
+STREAM_HEAD_ROWS = 8192  # LM-head rows read at a time
+STREAM_WORK_BYTES = 2 * 2**30  # on CUDA, a block's activations (and logits): blocks of thousands of tokens keep it busy
+
+
         per_token = (3 * config.intermediate_size + 6 * config.hidden_size) * self.itemsize
         return max(1, self.work_bytes // (per_token * length))
 
@@ -177,8 +190,12 @@ class LayerStreamedScorer:
 
         decoder = self.model.model
         input_ids, attention_mask = right_pad([ids for ids, _ in encoded], self.pad_token_id)
+        from budget_reasoner.models import attn_implementation
+
         # only the embedding rows of the batch's tokens: the whole table (vocab x hidden) can outweigh a layer
         present, where = input_ids.unique(return_inverse=True)
+        self.compute_device = torch.device(device)
+        self.prefetch = self.compute_device.type == "cuda" if prefetch is None else prefetch
         hidden = self.weights.rows_at("model.embed_tokens.weight", present.tolist())[where]
         position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
         arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask, "cache": None,
@@ -186,18 +203,36 @@ class LayerStreamedScorer:
         masks = {"full_attention": create_causal_mask(**arguments)}
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
-        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        device = self.compute_device
+        if device.type == "cuda":
+            hidden = hidden.pin_memory()  # host-to-device copies of its blocks run asynchronously
+        position_embeddings = tuple(part.to(device) for part in decoder.rotary_emb(hidden, position_ids))
+        position_ids = position_ids.to(device)
         rows = self.rows_per_block(hidden.shape[1])
-        for index, layer in enumerate(decoder.layers):
-            mask = masks[self.config.layer_types[index]]
-            with self.weights.loaded(layer, f"model.layers.{index}."):
-                # a block of sequences at a time (each attends only to itself, so the result is the batch's),
-                # written back in place: one copy of the hidden states, one block's activations
-                for first in range(0, hidden.shape[0], rows):
-                    block = slice(first, first + rows)
-                    hidden[block] = layer(hidden[block], attention_mask=None if mask is None else mask[block],
-                                          position_embeddings=position_embeddings, position_ids=position_ids)
-        with self.weights.loaded(decoder.norm, "model.norm."):
+        layers = list(decoder.layers)
+        with contextlib.ExitStack() as stack:
+            reader = stack.enter_context(ThreadPoolExecutor(1)) if self.prefetch else None
+
+            def read(index: int):
+                return self.weights.read_state(layers[index], f"model.layers.{index}.", device.type == "cuda")
+
+            pending = reader.submit(read, 0) if reader else None
+            for index, layer in enumerate(layers):
+                state = pending.result() if reader else read(index)
+                if reader and index + 1 < len(layers):
+                    pending = reader.submit(read, index + 1)  # from disk while this layer computes
+                mask = masks[self.config.layer_types[index]]
+                with self.weights.attached(layer, state, device):
+                    del state
+                    # a block of sequences at a time (each attends only to itself, so the result is the batch's),
+                    # written back in place: one copy of the hidden states, one block's activations
+                    for first in range(0, hidden.shape[0], rows):
+                        block = slice(first, first + rows)
+                        block_mask = None if mask is None else mask[block].to(device)
+                        output = layer(hidden[block].to(device, non_blocking=True), attention_mask=block_mask,
+                                       position_embeddings=position_embeddings, position_ids=position_ids)
+                        hidden[block] = output.to(hidden.device)
+        with self.weights.attached(decoder.norm, self.weights.read_state(decoder.norm, "model.norm."), "cpu"):
             hidden = decoder.norm(hidden)
         scored = []
         for row, (ids, mask) in enumerate(encoded):
@@ -236,11 +271,13 @@ class LayerStreamedScorer:
         if hidden.shape[0] > block:
             parts = [self.head_topk(hidden[first : first + block], top_k) for first in range(0, hidden.shape[0], block)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        best = torch.full((hidden.shape[0], top_k), -torch.inf)
-        best_ids = torch.zeros((hidden.shape[0], top_k), dtype=torch.long)
-        log_z = torch.full((hidden.shape[0],), -torch.inf)
+        device = self.compute_device
+        hidden = hidden.to(device)
+        best = torch.full((hidden.shape[0], top_k), -torch.inf, device=device)
+        best_ids = torch.zeros((hidden.shape[0], top_k), dtype=torch.long, device=device)
+        log_z = torch.full((hidden.shape[0],), -torch.inf, device=device)
         for first in range(0, vocab, self.head_rows):
-            rows = self.weights.rows(self.head_name, first, min(first + self.head_rows, vocab))
+            rows = self.weights.rows(self.head_name, first, min(first + self.head_rows, vocab)).to(device)
             logits = (hidden @ rows.t()).float()
             del rows
             if self.softcap:
@@ -250,7 +287,7 @@ class LayerStreamedScorer:
             merged, order = torch.cat([best, block.values], dim=1).topk(top_k, dim=1)
             best_ids = torch.cat([best_ids, block.indices + first], dim=1).gather(1, order)
             best = merged
-        return best - log_z[:, None], best_ids
+        return (best - log_z[:, None]).cpu(), best_ids.cpu()
 
 
 class CheckpointTensors:
@@ -319,12 +356,18 @@ class CheckpointTensors:
         shape = self.shape(name)
         return self.rows(name, 0, shape[0]).reshape(shape) if shape else self.rows(name, 0, 1).reshape(())
 
-    @contextlib.contextmanager
-    def loaded(self, module: torch.nn.Module, prefix: str):
-        """`module` with its real weights for the block; back on the meta device (freed) after it."""
+    def read_state(self, module: torch.nn.Module, prefix: str, pin: bool = False) -> dict[str, torch.Tensor]:
+        """`module`'s weights from disk into host memory (page-locked with `pin`, for an asynchronous copy)."""
         state = {name: self.tensor(prefix + name) for name in module.state_dict()}
-        module.load_state_dict(state, assign=True, strict=True)
-        del state
+        return {name: tensor.pin_memory() for name, tensor in state.items()} if pin else state
+
+    @contextlib.contextmanager
+    def attached(self, module: torch.nn.Module, state: dict[str, torch.Tensor], device: str | torch.device):
+        """`module` with the weights `state` holds, on `device`, for the block; back on the meta device (freed)
+        after it. The caller drops its own reference to `state`, so the module holds the only copy."""
+        module.load_state_dict({name: tensor.to(device, non_blocking=True) for name, tensor in state.items()},
+                               assign=True, strict=True)
+        state.clear()
         try:
             yield module
         finally:

@@ -191,11 +191,14 @@ def test_layer_streamed_scores_equal_the_ordinary_forwards(teacher_and_data, tmp
     encoded = encoded_rows(teacher, sft_file)[:6]
     pad = load_tokenizer(teacher).pad_token_id
     ordinary = LocalScorer(model, pad).score(encoded, 5)
-    streamed = LayerStreamedScorer(tmp_path / "sharded", pad, head_rows=64).score(encoded, 5)
-    for mine, reference in zip(streamed, ordinary):
-        assert mine.first_position == reference.first_position and mine.input_ids == reference.input_ids
-        assert mine.topk_ids.tolist() == reference.topk_ids.tolist()
-        torch.testing.assert_close(mine.topk_logprobs, reference.topk_logprobs, rtol=0, atol=1e-5)
+    # prefetch: the GPU route's order of reads (the next layer on a thread while this one computes), run here;
+    # budget_flash: the 24gb preset's attention setting, which names our kernel, not a transformers implementation
+    for prefetch, attention in ((False, "sdpa"), (True, "budget_flash")):
+        streamed = LayerStreamedScorer(tmp_path / "sharded", pad, attention, head_rows=64, prefetch=prefetch).score(encoded, 5)
+        for mine, reference in zip(streamed, ordinary):
+            assert mine.first_position == reference.first_position and mine.input_ids == reference.input_ids
+            assert mine.topk_ids.tolist() == reference.topk_ids.tolist()
+            torch.testing.assert_close(mine.topk_logprobs, reference.topk_logprobs, rtol=0, atol=1e-5)
 
 
 def test_layer_streaming_names_a_missing_checkpoint_shard(teacher_and_data, tmp_path):

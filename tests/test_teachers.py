@@ -220,13 +220,32 @@ def test_quickstart_with_a_server_teacher_skips_logit_distillation(stub, tmp_pat
     preset = load_preset("cpu-tiny", {**TINY, "model.teacher": "openai:stub-72b"})
     results = recipe.quickstart(tmp_path / "run", preset)
     assert set(results["stages"]) == {"base", "sft", "dpo"} and results["teacher"] == {}
-    assert "distill: skipped, the teacher is a server" in capfd.readouterr().err
+    assert "distill: skipped, the chain teacher is a server and no distill.teacher" in capfd.readouterr().err
     assert len(stub.requests) == preset.generate.num_train_problems  # one request (n chains) per problem
     assert results["generate"]["device"] == "server" and results["generate"]["peak_memory_bytes"] is None
     chains = read_shards(tmp_path / "run" / "data" / "chains")
     assert all(row["teacher"] == "stub-72b" for row in chains)
     assert results["generate"]["tokens"] == sum(len(row["completion"]) for row in chains)  # the stub's usage
     assert "| dpo |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_server_chain_teacher_with_a_local_scoring_teacher_keeps_logit_distillation(stub, tmp_path, monkeypatch):
+    """The teacher's two jobs apart: chains from the server, the top-k cache from distill.teacher, streamed a layer
+    at a time (the 24gb preset's route for a 72B), so quickstart distills instead of skipping."""
+    from budget_reasoner import recipe
+    from budget_reasoner.config import load_preset
+    from budget_reasoner.io import read_json
+
+    monkeypatch.setenv("BUDGET_REASONER_TEACHER_URL", stub.url)
+    preset = load_preset("cpu-tiny", {**TINY, "model.teacher": "openai:stub-72b", "distill.teacher": "tiny-teacher",
+                                      "distill.stream_layers": True})
+    results = recipe.quickstart(tmp_path / "run", preset)
+    assert set(results["stages"]) == {"base", "sft", "dpo", "distill"} and results["teacher"] == {}
+    assert all(row["teacher"] == "stub-72b" for row in read_shards(tmp_path / "run" / "data" / "chains"))
+    cache = read_json(tmp_path / "run" / "distill" / "cache" / "COMPLETE.json")
+    assert cache["teacher"] == str(tmp_path / "run" / "models" / "teacher")
+    sft_rows = (tmp_path / "run" / "data" / "sft" / "train.jsonl").read_text().splitlines()
+    assert cache["examples"] == len(sft_rows)
 
 
 def test_redact_takes_credentials_out_of_urls_and_keeps_the_rest():

@@ -62,7 +62,14 @@ def test_plan_json_and_a_server_teacher_priced_by_its_tokens():
                     "--token-price", "0.5,2", "--gpu-hour-price", "1.0", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output[result.output.index("{"):])
-    assert [stage["stage"] for stage in plan["stages"]] == ["generate", "sft", "dpo", "eval"]  # no distill from a server
+    # the 24gb preset scores with its own distill.teacher (the 72B, streamed), so a server chain teacher keeps distill
+    assert [stage["stage"] for stage in plan["stages"]] == ["generate", "sft", "dpo", "cache", "distill", "eval"]
+    assert "streamed a layer at a time" in plan["stages"][3]["how"]
+    without_scorer = invoke("plan", "--preset", "24gb", "--teacher", "openai:Qwen/Qwen2.5-72B-Instruct", "--json",
+                            "--set", "distill.teacher=''", "--set", "distill.stream_layers=false")
+    assert without_scorer.exit_code == 0, without_scorer.output
+    stages = json.loads(without_scorer.output[without_scorer.output.index("{"):])["stages"]
+    assert [stage["stage"] for stage in stages] == ["generate", "sft", "dpo", "eval"]  # nothing here can score
     assert plan["total_seconds"] == pytest.approx(sum(stage["seconds"] for stage in plan["stages"]))
     generate = plan["stages"][0]
     preset = load_preset("24gb")

@@ -89,7 +89,7 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
         stream_layers = False
         batch_size, vocab_size = preset.generate.concurrency, len(tokenizer)  # a batch: the requests in flight at once
     elif stream_layers:
-        scorer = LayerStreamedScorer(teacher_path, tokenizer.pad_token_id, preset.model.attention)
+        scorer = LayerStreamedScorer(teacher_path, tokenizer.pad_token_id, preset.model.attention, device=hardware.device)
         vocab_size = scorer.weights.shape(scorer.head_name)[0]
     else:
         scorer = LocalScorer(load_model(teacher_path, preset, hardware), tokenizer.pad_token_id)
@@ -104,8 +104,8 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
                 encoded_shard = [encode_prompt_completion(tokenizer, row["prompt"], row["completion"][0]["content"])
                                  for row in rows[shard_start : shard_start + shard_size]]
                 scored = []
-                for start in range(0, len(encoded_shard), batch_size):
-                    batch = encoded_shard[start : start + batch_size]
+                for batch in (token_batches(encoded_shard, preset.distill.stream_tokens) if stream_layers
+                              else [encoded_shard[i : i + batch_size] for i in range(0, len(encoded_shard), batch_size)]):
                     scored += scorer.score(batch, top_k)
                     bar.advance(task, len(batch))
                 counts = write_shard(path, scored, vocab_size)
@@ -124,6 +124,21 @@ def cache_teacher_topk(teacher_path: str | Path, sft_file: Path, cache_dir: Path
             "device": f"server {redact(scorer.base_url)}" if serving else hardware.describe(), **compute}
     mark_complete(cache_dir, info)
     return info
+
+
+def token_batches(encoded: list, max_tokens: int) -> list[list]:
+    """Consecutive sequences in batches whose padded size (sequences x the longest) stays within `max_tokens`
+    (a longer sequence alone): with layer streaming each batch is one read of the whole checkpoint from disk,
+    so a batch must hold as many tokens as the memory for its hidden states allows."""
+    batches, current, longest = [], [], 0
+    for item in encoded:
+        length = len(item[0])
+        if current and (len(current) + 1) * max(longest, length) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(item)
+        longest = max(longest, length)
+    return batches + [current] if current else batches
 
 
 def is_server_name(teacher: str) -> bool:
