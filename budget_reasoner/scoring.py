@@ -72,6 +72,9 @@ class ScoredSequence:
     first_position: int
     topk_ids: torch.Tensor       # (positions, k)
     topk_logprobs: torch.Tensor  # (positions, k), fp32 as computed; the shard stores fp16
+    # (positions,): the teacher's log-prob of the token that actually comes next, in its top-k or not: what
+    # on-policy distillation reads (train/opd.py). Not cached. None from a source that cannot give it.
+    token_logprobs: torch.Tensor | None = None
 
 
 # ---- the local source: the teacher loaded whole ------------------------------------------------------------
@@ -117,8 +120,34 @@ def topk_of_spans(hidden: torch.Tensor, encoded, head_weight: torch.Tensor, top_
     for row, (ids, mask) in enumerate(encoded):
         start, stop = cached_span(mask)
         logprobs, token_ids = linear_topk_logprobs(hidden[row, start:stop], head_weight, top_k, softcap=softcap)
-        scored.append(ScoredSequence(list(ids), start, token_ids.cpu(), logprobs.cpu()))
+        chosen = next_token_logprobs(hidden[row, start:stop], next_tokens(ids, start, stop, hidden.device), token_ids,
+                                     logprobs, lambda rows: head_weight[rows.to(head_weight.device)], softcap)
+        scored.append(ScoredSequence(list(ids), start, token_ids.cpu(), logprobs.cpu(), chosen.cpu()))
     return scored
+
+
+def next_tokens(ids: list[int], start: int, stop: int, device) -> torch.Tensor:
+    """The tokens positions [start, stop) predict: position p's is ids[p + 1]."""
+    return torch.tensor(ids[start + 1 : stop + 1], dtype=torch.long, device=device)
+
+
+def next_token_logprobs(hidden: torch.Tensor, next_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                        head_rows, softcap: float | None, block: int = 1024) -> torch.Tensor:
+    """The log-prob of each position's actual next token, from the top-1 already scored: log p(t) = z_t - z_1 +
+    log p(1), the log-sum-exp cancelling, so only those two tokens' LM-head rows are read again (`head_rows(ids)`),
+    a block of positions at a time."""
+    values = []
+    for first in range(0, hidden.shape[0], block):
+        states = hidden[first : first + block].float()
+        wanted = torch.cat([next_ids[first : first + block], topk_ids[first : first + block, 0].to(next_ids.device)])
+        present, where = wanted.unique(return_inverse=True)
+        rows = head_rows(present).float().to(states.device)[where.to(states.device)]
+        logits = (torch.cat([states, states]) * rows).sum(-1)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        token, top = logits.chunk(2)
+        values.append(token - top + topk_logprobs[first : first + block, 0].float().to(token.device))
+    return torch.cat(values) if values else hidden.new_zeros((0,), dtype=torch.float32)
 
 
 # ---- the layer-streamed source: a teacher bigger than the memory ------------------------------------------
@@ -140,6 +169,10 @@ def topk_of_spans(hidden: torch.Tensor, encoded, head_weight: torch.Tensor, top_
 #   Both blocks are sized to `work_bytes` (default: one LM-head chunk's bytes). That is paid out of the bound's
 #   LM-head term: the head's rows and a layer's weights are never in memory together.
 
+STREAM_HEAD_ROWS = 8192  # LM-head rows read at a time
+STREAM_WORK_BYTES = 2 * 2**30  # on CUDA, a block's activations (and logits): blocks of thousands of tokens keep it busy
+
+
 class LayerStreamedScorer:
     """Score with a checkpoint holding at most one decoder layer's weights (plus the batch's hidden states and one
     block of LM-head rows) in memory at a time. Decoder-only models laid out as Qwen2/Llama are
@@ -154,8 +187,12 @@ class LayerStreamedScorer:
         current one. On the CPU it would hold two layers and compete with the compute for the same cores."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from budget_reasoner.models import attn_implementation
+
         _return_freed_memory()
         self.checkpoint, self.pad_token_id, self.head_rows = Path(checkpoint), pad_token_id, head_rows
+        self.compute_device = torch.device(device)
+        self.prefetch = self.compute_device.type == "cuda" if prefetch is None else prefetch
         self.weights = CheckpointTensors(self.checkpoint)
         config = AutoConfig.from_pretrained(self.checkpoint)
         with torch.device("meta"):
@@ -177,10 +214,6 @@ class LayerStreamedScorer:
         the MLP's gate, up and product (intermediate_size each) and a few hidden-size temporaries (the attention's
         q, k, v, output and the residual), in the compute dtype."""
         config = self.config
-STREAM_HEAD_ROWS = 8192  # LM-head rows read at a time
-STREAM_WORK_BYTES = 2 * 2**30  # on CUDA, a block's activations (and logits): blocks of thousands of tokens keep it busy
-
-
         per_token = (3 * config.intermediate_size + 6 * config.hidden_size) * self.itemsize
         return max(1, self.work_bytes // (per_token * length))
 
@@ -190,12 +223,8 @@ STREAM_WORK_BYTES = 2 * 2**30  # on CUDA, a block's activations (and logits): bl
 
         decoder = self.model.model
         input_ids, attention_mask = right_pad([ids for ids, _ in encoded], self.pad_token_id)
-        from budget_reasoner.models import attn_implementation
-
         # only the embedding rows of the batch's tokens: the whole table (vocab x hidden) can outweigh a layer
         present, where = input_ids.unique(return_inverse=True)
-        self.compute_device = torch.device(device)
-        self.prefetch = self.compute_device.type == "cuda" if prefetch is None else prefetch
         hidden = self.weights.rows_at("model.embed_tokens.weight", present.tolist())[where]
         position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
         arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask, "cache": None,
@@ -240,10 +269,13 @@ STREAM_WORK_BYTES = 2 * 2**30  # on CUDA, a block's activations (and logits): bl
             scored.append((list(ids), start, hidden[row, start:stop]))
         positions = torch.cat([states for _, _, states in scored])
         logprobs, token_ids = self.head_topk(positions, top_k)
+        next_ids = torch.cat([next_tokens(ids, start, start + states.shape[0], positions.device) for ids, start, states in scored])
+        chosen = next_token_logprobs(positions, next_ids, token_ids, logprobs,
+                                     lambda rows: self.weights.rows_at(self.head_name, rows.tolist()), self.softcap)
         result, offset = [], 0
         for ids, start, states in scored:
-            rows = states.shape[0]
-            result.append(ScoredSequence(ids, start, token_ids[offset : offset + rows], logprobs[offset : offset + rows]))
+            rows, part = states.shape[0], slice(offset, offset + states.shape[0])
+            result.append(ScoredSequence(ids, start, token_ids[part], logprobs[part], chosen[part]))
             offset += rows
         return result
 
@@ -294,8 +326,9 @@ class CheckpointTensors:
     """A checkpoint's safetensors files, read a tensor (or a block of its rows) at a time with plain reads.
 
     Not through safetensors' safe_open: it memory-maps the file, and the pages a read touches stay resident beside
-    the copy until the file is closed, which would hold a layer twice at the peak. A listed file that is missing is
-    one line naming it, before anything is scored."""
+    the copy until the file is closed, which would hold a layer twice at the peak. A listed file that is missing, cut
+    short (a download that stopped) or without a tensor the index places in it is one line naming it, when the
+    folder is opened: before anything is scored, not at the layer that needs it."""
 
     def __init__(self, checkpoint: Path):
         index = checkpoint / "model.safetensors.index.json"
