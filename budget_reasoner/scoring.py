@@ -72,6 +72,9 @@ class ScoredSequence:
     first_position: int
     topk_ids: torch.Tensor       # (positions, k)
     topk_logprobs: torch.Tensor  # (positions, k), fp32 as computed; the shard stores fp16
+    # (positions,): the teacher's log-prob of the token that actually comes next, in its top-k or not: what
+    # on-policy distillation reads (train/opd.py). Not cached. None from a source that cannot give it.
+    token_logprobs: torch.Tensor | None = None
 
 
 # ---- the local source: the teacher loaded whole ------------------------------------------------------------
@@ -117,8 +120,34 @@ def topk_of_spans(hidden: torch.Tensor, encoded, head_weight: torch.Tensor, top_
     for row, (ids, mask) in enumerate(encoded):
         start, stop = cached_span(mask)
         logprobs, token_ids = linear_topk_logprobs(hidden[row, start:stop], head_weight, top_k, softcap=softcap)
-        scored.append(ScoredSequence(list(ids), start, token_ids.cpu(), logprobs.cpu()))
+        chosen = next_token_logprobs(hidden[row, start:stop], next_tokens(ids, start, stop, hidden.device), token_ids,
+                                     logprobs, lambda rows: head_weight[rows.to(head_weight.device)], softcap)
+        scored.append(ScoredSequence(list(ids), start, token_ids.cpu(), logprobs.cpu(), chosen.cpu()))
     return scored
+
+
+def next_tokens(ids: list[int], start: int, stop: int, device) -> torch.Tensor:
+    """The tokens positions [start, stop) predict: position p's is ids[p + 1]."""
+    return torch.tensor(ids[start + 1 : stop + 1], dtype=torch.long, device=device)
+
+
+def next_token_logprobs(hidden: torch.Tensor, next_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                        head_rows, softcap: float | None, block: int = 1024) -> torch.Tensor:
+    """The log-prob of each position's actual next token, from the top-1 already scored: log p(t) = z_t - z_1 +
+    log p(1), the log-sum-exp cancelling, so only those two tokens' LM-head rows are read again (`head_rows(ids)`),
+    a block of positions at a time."""
+    values = []
+    for first in range(0, hidden.shape[0], block):
+        states = hidden[first : first + block].float()
+        wanted = torch.cat([next_ids[first : first + block], topk_ids[first : first + block, 0].to(next_ids.device)])
+        present, where = wanted.unique(return_inverse=True)
+        rows = head_rows(present).float().to(states.device)[where.to(states.device)]
+        logits = (torch.cat([states, states]) * rows).sum(-1)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        token, top = logits.chunk(2)
+        values.append(token - top + topk_logprobs[first : first + block, 0].float().to(token.device))
+    return torch.cat(values) if values else hidden.new_zeros((0,), dtype=torch.float32)
 
 
 # ---- the layer-streamed source: a teacher bigger than the memory ------------------------------------------
@@ -240,10 +269,13 @@ class LayerStreamedScorer:
             scored.append((list(ids), start, hidden[row, start:stop]))
         positions = torch.cat([states for _, _, states in scored])
         logprobs, token_ids = self.head_topk(positions, top_k)
+        next_ids = torch.cat([next_tokens(ids, start, start + states.shape[0], positions.device) for ids, start, states in scored])
+        chosen = next_token_logprobs(positions, next_ids, token_ids, logprobs,
+                                     lambda rows: self.weights.rows_at(self.head_name, rows.tolist()), self.softcap)
         result, offset = [], 0
         for ids, start, states in scored:
-            rows = states.shape[0]
-            result.append(ScoredSequence(ids, start, token_ids[offset : offset + rows], logprobs[offset : offset + rows]))
+            rows, part = states.shape[0], slice(offset, offset + states.shape[0])
+            result.append(ScoredSequence(ids, start, token_ids[part], logprobs[part], chosen[part]))
             offset += rows
         return result
 
