@@ -504,10 +504,12 @@ class ServerScorer(OpenAIClient):
         entries = self._request("completions", body, lambda raw: self._prompt_logprobs(raw, len(ids)))
         topk_ids = torch.empty((stop - start, top_k), dtype=torch.long)
         topk_logprobs = torch.empty((stop - start, top_k), dtype=torch.float32)
+        token_logprobs = torch.empty((stop - start,), dtype=torch.float32)
         for row, position in enumerate(range(start, stop)):
-            # cache position p predicts token p + 1: the server's entry p + 1
-            topk_ids[row], topk_logprobs[row] = self._top_k(entries[position + 1], ids[position + 1], top_k)
-        return ScoredSequence(list(ids), start, topk_ids, topk_logprobs)
+            # cache position p predicts token p + 1: the server's entry p + 1, which holds that token too
+            topk_ids[row], topk_logprobs[row], token_logprobs[row] = self._top_k(entries[position + 1], ids[position + 1],
+                                                                                top_k)
+        return ScoredSequence(list(ids), start, topk_ids, topk_logprobs, token_logprobs)
 
     def _prompt_logprobs(self, raw: bytes, length: int) -> list:
         try:
@@ -527,22 +529,25 @@ class ServerScorer(OpenAIClient):
                 f"vLLM returns none for tokens its prefix cache holds; start it with --no-enable-prefix-caching")
         return entries
 
-    def _top_k(self, entry, next_id: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A position's top-k (ids, log-probs) from vLLM's dict of {token id: {logprob, rank, decoded_token}}."""
+    def _top_k(self, entry, next_id: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A position's top-k (ids, log-probs) and the log-prob of the token that comes next (in the top-k or
+        not: vLLM adds it), from vLLM's dict of {token id: {logprob, rank, decoded_token}}."""
         try:
             parsed = [(int(str(key).removeprefix("token_id:")), float(value["logprob"]), value.get("rank"))
                       for key, value in entry.items()]
         except (AttributeError, KeyError, TypeError, ValueError):
             raise BudgetReasonerError(f"{self._where()}: its prompt_logprobs are not vLLM's shape (a dict of "
                                       f"{{token id: {{logprob, rank, decoded_token}}}} a position): {str(entry)[:80]!r}") from None
-        if next_id not in {token for token, _, _ in parsed}:
+        chosen = [value for token, value, _ in parsed if token == next_id]
+        if not chosen:
             raise BudgetReasonerError(f"{self._where()}: its prompt log-probs do not include the token sent (id "
                                       f"{next_id}): it scored something else than the token ids sent")
         # the prompt token rides along at its own rank when it is not in the top-k: keep ranks 1..k
         top = sorted((entry for entry in parsed if entry[2] is None or entry[2] <= top_k), key=lambda e: (-e[1], e[2] or 0))
         if len(top) < top_k:
             raise BudgetReasonerError(self._too_few(len(top)))
-        return torch.tensor([token for token, _, _ in top[:top_k]]), torch.tensor([value for _, value, _ in top[:top_k]])
+        return (torch.tensor([token for token, _, _ in top[:top_k]]), torch.tensor([value for _, value, _ in top[:top_k]]),
+                chosen[0])
 
     def check_tokenizer(self, ids: list[int]) -> None:
         """The server's tokenizer against ours, on the first sequence's text (vLLM's POST /tokenize). A server

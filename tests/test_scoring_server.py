@@ -164,7 +164,8 @@ def test_the_server_cache_is_the_local_cache(teacher_and_data, preset, serve, tm
 
 
 def test_busy_answers_are_retried(teacher_and_data, serve):
-    """429 then 503, then the answer: two retries, and the scores are the local teacher's."""
+    """429 then 503, then the answer: two retries, and the scores are the local teacher's (top-k and the
+    log-prob of each next token)."""
     from transformers import AutoModelForCausalLM
 
     from budget_reasoner.models import load_tokenizer
@@ -179,6 +180,8 @@ def test_busy_answers_are_retried(teacher_and_data, serve):
     assert scorer.retries == 2 and len(server.requests) == 3
     assert mine.first_position == reference.first_position and mine.topk_ids.tolist() == reference.topk_ids.tolist()
     torch.testing.assert_close(mine.topk_logprobs, reference.topk_logprobs, rtol=0, atol=1e-5)
+    # the sampled token's own log-prob (on-policy distillation's input), top-k or not: the server's dict carries it
+    torch.testing.assert_close(mine.token_logprobs, reference.token_logprobs, rtol=0, atol=1e-5)
 
 
 # what the server does, and what the one line must say (the preset's top-k is 4)
