@@ -138,13 +138,21 @@ class DistillConfig(TrainConfig):
 @dataclass
 class GrpoConfig(TrainConfig):
     """RL with verifiable rewards (TRL's GRPOTrainer): `batch_size` completions per device step, `num_generations`
-    of them per problem (a group), the advantage each one's reward against its group's."""
+    of them per problem (a group), the advantage each one's reward against its group's. TRL samples
+    `batch_size x grad_accum` completions at once (a generation batch of whole groups) and takes one optimizer step
+    over them, `batch_size` at a time."""
 
     learning_rate: float = 1e-5
     max_steps: int = 100
     num_generations: int = 4
     max_completion_length: int = 64
+    # TRL does not cut prompts: a problem whose prompt has more tokens is left out (counted), so that a sequence is
+    # never longer than max_prompt_length + max_completion_length, the length the estimator sizes the step for
+    max_prompt_length: int = 96
     temperature: float = 1.0
+    # On CUDA where vLLM imports, TRL's colocated vLLM engine samples the completions and reserves this share of the
+    # card (its own 4-bit copy of the weights and its KV cache) for the whole run; 0: transformers' generate always
+    vllm_gpu_memory_utilization: float = 0.3
     beta: float = 0.0  # KL to the start model; 0 needs no reference model (DAPO, Dr. GRPO and most R1 reproductions)
     loss_type: str = "dr_grpo"  # TRL's: grpo, dr_grpo (no length or std bias), dapo, bnpo
     epsilon: float = 0.2
@@ -152,6 +160,20 @@ class GrpoConfig(TrainConfig):
     mask_truncated_completions: bool = True  # a chain cut at the length limit teaches nothing either way
     format_weight: float = 0.1  # small beside correctness (1.0): format alone must not pay
     length_weight: float = 0.0  # -weight x completion tokens / max_completion_length
+
+
+@dataclass
+class OpdConfig(TrainConfig):
+    """On-policy distillation (train/opd.py): `batch_size` completions per device step, `num_generations` of them
+    per problem, every sampled token scored by the teacher; the advantage is the per-token reverse KL."""
+
+    learning_rate: float = 1e-4
+    max_steps: int = 100
+    num_generations: int = 4
+    max_completion_length: int = 64
+    temperature: float = 1.0  # sampling only: the loss reads the student's own (temperature 1) log-probs
+    # asked of the scorer beside each sampled token's log-prob; read only from a scorer that gives no token log-probs
+    top_k: int = 8
 
 
 @dataclass
@@ -168,6 +190,8 @@ class GenerateConfig:
     # A server teacher (openai:MODEL): requests in flight at once (vLLM batches them; one at a time leaves it idle),
     # tries after a 429/5xx/timeout, and seconds to wait for one answer. How chains are fetched, not which: not in
     # the generate folder's fingerprint, so a resumed run may change them.
+    # Who writes the chains (empty: model.teacher): a local model, or openai:MODEL for any compatible server
+    teacher: str = ""
     concurrency: int = 64
     max_retries: int = 5
     request_timeout: float = 600.0
@@ -182,8 +206,6 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
-    # Who writes the chains (empty: model.teacher): a local model, or openai:MODEL for any compatible server
-    teacher: str = ""
     maj_k: int = 4  # samples per problem for pass@k, maj@k (self-consistency) and best-of-k; 1 = greedy only
     temperature: float = 0.7
     max_new_tokens: int = 64
@@ -212,10 +234,24 @@ class Preset:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    opd: OpdConfig = field(default_factory=OpdConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def chain_teacher(self) -> str:
+        """The model that writes the chains (generate): generate.teacher, else model.teacher."""
+        return self.generate.teacher or self.model.teacher
+
+    @property
+    def scoring_teacher(self) -> str | None:
+        """The model that scores the chains for logit-level KD (the distill cache): distill.teacher, else
+        model.teacher when it is local. None: nothing here can score (a server chain teacher and no distill.teacher)."""
+        if self.distill.teacher:
+            return self.distill.teacher
+        return None if self.model.teacher.startswith("openai:") else self.model.teacher
 
 
 # ---- What each value may be ---------------------------------------------------------------------------
@@ -231,19 +267,6 @@ class Rule:
 
 def at_least(low: float) -> Rule:
     return Rule(lambda value: value >= low, f">= {low}")
-
-    @property
-    def chain_teacher(self) -> str:
-        """The model that writes the chains (generate): generate.teacher, else model.teacher."""
-        return self.generate.teacher or self.model.teacher
-
-    @property
-    def scoring_teacher(self) -> str | None:
-        """The model that scores the chains for logit-level KD (the distill cache): distill.teacher, else
-        model.teacher when it is local. None: nothing here can score (a server chain teacher and no distill.teacher)."""
-        if self.distill.teacher:
-            return self.distill.teacher
-        return None if self.model.teacher.startswith("openai:") else self.model.teacher
 
 
 def above(low: float) -> Rule:
@@ -292,7 +315,9 @@ RULES: dict[type, dict[str, Rule]] = {
     DistillConfig: {"top_k": POSITIVE, "temperature": above(0), "alpha": between(0, 1), "stream_tokens": POSITIVE},
     GrpoConfig: {"num_generations": at_least(2), "max_completion_length": POSITIVE, "temperature": above(0),
                  "beta": NON_NEGATIVE, "loss_type": one_of("grpo", "dr_grpo", "dapo", "bnpo"), "epsilon": above(0),
-                 "epsilon_high": above(0), "format_weight": NON_NEGATIVE, "length_weight": NON_NEGATIVE},
+                 "epsilon_high": above(0), "format_weight": NON_NEGATIVE, "length_weight": NON_NEGATIVE,
+                 "max_prompt_length": POSITIVE, "vllm_gpu_memory_utilization": between(0, 1, high_open=True)},
+    OpdConfig: {"num_generations": POSITIVE, "max_completion_length": POSITIVE, "temperature": above(0), "top_k": POSITIVE},
     GenerateConfig: {"num_train_problems": POSITIVE, "num_eval_problems": POSITIVE, "min_steps": POSITIVE,
                      "max_steps": POSITIVE, "samples_per_problem": POSITIVE, "temperature": NON_NEGATIVE,
                      "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "shard_size": POSITIVE, "seed": NON_NEGATIVE,
@@ -324,8 +349,17 @@ CROSS_RULES: list[tuple[str, Callable[[Preset], bool], str]] = [
     # the cache holds the teacher's log-probs at temperature 1, so its tail bucket exists only there
     ("distill.kd_tail", lambda p: not p.distill.kd_tail or p.distill.temperature == 1.0,
      "false unless distill.temperature is 1.0 (the cached teacher log-probs are at temperature 1)"),
-    # TRL splits each generation batch into whole groups of one problem's completions
-    ("grpo.batch_size", lambda p: p.grpo.batch_size % p.grpo.num_generations == 0, "a multiple of grpo.num_generations"),
+    # TRL samples a generation batch (batch_size x grad_accum completions) of whole groups of one problem's
+    # completions, then trains on it batch_size at a time
+    ("grpo.batch_size", lambda p: p.grpo.batch_size * p.grpo.grad_accum % p.grpo.num_generations == 0,
+     "such that grpo.batch_size x grpo.grad_accum (a generation batch) is a multiple of grpo.num_generations"),
+    # a sampled sequence is prompt + completion: no longer than the model is trained (and, tiny, built) for
+    ("grpo.max_completion_length", lambda p: p.grpo.max_prompt_length + p.grpo.max_completion_length <= p.model.max_length,
+     "at most model.max_length - grpo.max_prompt_length"),
+    # each problem of a step is sampled num_generations times
+    ("opd.batch_size", lambda p: p.opd.batch_size % p.opd.num_generations == 0, "a multiple of opd.num_generations"),
+    ("distill.stream_layers", lambda p: not (p.distill.stream_layers and (p.scoring_teacher or "").startswith("openai:")),
+     "false when the scoring teacher is a server (openai:...): streaming reads a local checkpoint"),
     ("eval.min_think_tokens", lambda p: p.eval.think_budget == 0 or p.eval.min_think_tokens <= p.eval.think_budget,
      "<= eval.think_budget"),
     *_tiny_shape_rules("tiny_student"),
@@ -342,9 +376,6 @@ def _rules_for(cls: type) -> dict[str, Rule]:
 
 def check_positions(preset: Preset, positions: int | None, model: str) -> None:
     """model.max_length against the positions a loaded model has (its config's max_position_embeddings)."""
-    # each problem of a step is sampled num_generations times
-    ("distill.stream_layers", lambda p: not (p.distill.stream_layers and (p.scoring_teacher or "").startswith("openai:")),
-     "false when the scoring teacher is a server (openai:...): streaming reads a local checkpoint"),
     if positions is not None and preset.model.max_length > positions:
         raise BudgetReasonerError(f"preset {preset.name}: model.max_length must be <= {positions} (the positions of "
                                   f"{model}), got {preset.model.max_length}")
