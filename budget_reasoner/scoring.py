@@ -550,8 +550,10 @@ class ServerScorer(OpenAIClient):
                 chosen[0])
 
     def check_tokenizer(self, ids: list[int]) -> None:
-        """The server's tokenizer against ours, on the first sequence's text (vLLM's POST /tokenize). A server
-        without /tokenize is said once and trusted: the cache's tokenizer hash is then ours alone."""
+        """The server's tokenizer against ours, on the first sequence's text: vLLM's POST /tokenize at the server's
+        root, beside /v1 (vllm/entrypoints/serve/tokenize/api_router.py `tokenize`: {"model", "prompt",
+        "add_special_tokens"} -> {"tokens", "count", "max_model_len"}). A server without it is said once and
+        trusted: the cache's tokenizer hash is then ours alone."""
         self.tokenizer_checked = True
         text = self.tokenizer.decode(ids)
         ours = self.tokenizer(text, add_special_tokens=False)["input_ids"]
