@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import gzip
 import hashlib
 import inspect
 import json
@@ -72,7 +73,8 @@ def read_jsonl(path: Path, required: Iterable[str] = (), kinds: dict[str, str] |
     if not path.is_file():
         raise BudgetReasonerError(f"{path}: file not found")
     rows, required, kinds = [], list(required), kinds or {}
-    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open  # HumanEval is published as .jsonl.gz
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue

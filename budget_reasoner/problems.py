@@ -2,7 +2,8 @@
 and eval (held-out and benchmark problems) alike.
 
 A problems file is JSONL with `id, domain, question, answer, source` (PROBLEM_COLUMNS). The loaders read GSM8K,
-MATH-500, AIME24, AMC23 from a local JSONL file or a hub id, and GPQA-style multiple choice from the user's CSV;
+MATH-500, AIME24, AMC23, and MBPP and HumanEval (domain "code": the answer is the reference test code of
+verify/code.py) from a local JSONL file or a hub id, and GPQA-style multiple choice from the user's CSV;
 each returns such rows (plus `solution` where the set has one).
 """
 
@@ -17,6 +18,7 @@ from typing import Callable
 
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import read_jsonl
+from budget_reasoner.verify.code import humaneval_reference, mbpp_reference
 
 PROBLEM_COLUMNS = ("id", "domain", "question", "answer", "source")
 PROBLEM_KINDS = {"question": "text", "domain": "text"}  # the answer may be anything: the grader reports a bad one
@@ -42,6 +44,23 @@ class Benchmark:
     bundled: dict[str, str]  # split -> file under data/ (the same records as the hub split)
     solution: Callable[[dict], str | None] = lambda record: record.get("solution")
     train_split: str | None = None  # the hub split a seed set (training problems) comes from, where there is one
+    domain: str = "math"  # whose verifier grades its answers
+    question: Callable[[dict], str] | None = None  # the question from a raw record (default: its question_field)
+
+
+CODE_ANSWER = "Write the complete Python code in one ```python block."
+
+
+def mbpp_question(record: dict) -> str:
+    """The task and its tests, as the MBPP paper prompts (Austin et al., 2021): the tests name the function."""
+    tests = "\n".join(test.strip() for test in record["test_list"])
+    return f"{record['text'].strip()}\nYour code should pass these tests:\n\n{tests}\n\n{CODE_ANSWER}"
+
+
+def humaneval_question(record: dict) -> str:
+    """The signature and docstring to complete; the answer repeats them (the grader runs the whole block)."""
+    return (f"Complete this Python function:\n\n```python\n{record['prompt'].rstrip()}\n```\n\n"
+            f"{CODE_ANSWER} Include the code above (imports, helpers, the signature), not only the body.")
 
 
 BENCHMARKS = {
@@ -57,6 +76,14 @@ BENCHMARKS = {
                         {"test": "aime24/test.jsonl"}),
     "amc23": Benchmark("question", lambda r: _number_text(r["answer"]), ("question", "answer"), ("math-ai/amc23", None, "test"),
                        {"test": "amc23/test.jsonl"}),
+    # Code (verify/code.py): the answer is the reference test code, run after the completion's last python block
+    "mbpp": Benchmark("text", mbpp_reference, ("text", "test_list"), ("google-research-datasets/mbpp", "full", "test"),
+                      {"test": "mbpp/sample.jsonl"}, solution=lambda r: r.get("code"), train_split="train", domain="code",
+                      question=mbpp_question),
+    "humaneval": Benchmark("prompt", humaneval_reference, ("prompt", "test", "entry_point"),
+                           ("openai/openai_humaneval", None, "test"), {"test": "humaneval/sample.jsonl"},
+                           solution=lambda r: r["prompt"] + r["canonical_solution"] if r.get("canonical_solution") else None,
+                           domain="code", question=humaneval_question),
 }
 
 
@@ -83,14 +110,30 @@ def load_benchmark(name: str, path_or_id: str | Path | None = None, train: bool 
         config = spec.hub[1] if hub_id == spec.hub[0] else None
         records = list(datasets.load_dataset(hub_id, config, split=spec.train_split if train else spec.hub[2]))
     rows = []
-    for record in records:
-        question = record[spec.question_field]
+    for number, record in enumerate(records, 1):
+        try:
+            question = spec.question(record) if spec.question else record[spec.question_field]
+            answer, solution = spec.answer(record), spec.solution(record)
+        except (KeyError, TypeError, AttributeError) as error:  # a field of the wrong kind (a test_list that is a string)
+            raise BudgetReasonerError(f"{source}: row {number}: not a {name} record ({type(error).__name__}: {error})") from None
         rows.append({
             "id": f"{name}-" + hashlib.sha1(question.encode()).hexdigest()[:12],
-            "domain": "math", "question": question, "answer": spec.answer(record),
-            "source": f"{name}:{source}", "solution": spec.solution(record),
+            "domain": spec.domain, "question": question, "answer": answer,
+            "source": f"{name}:{source}", "solution": solution,
         })
     return rows
+
+
+def load_mbpp(path_or_id: str | Path | None = None, train: bool = False) -> list[dict]:
+    """MBPP-format problems (`text`, `test_list`, `test_setup_code`, `code`) for the code domain: the question is
+    the task and its asserts, the answer the reference tests (verify/code.py). Default: the sample under data/mbpp."""
+    return load_benchmark("mbpp", path_or_id, train)
+
+
+def load_humaneval(path_or_id: str | Path | None = None) -> list[dict]:
+    """HumanEval-format problems (`prompt`, `test`, `entry_point`, `canonical_solution`; JSONL or the published
+    .jsonl.gz) for the code domain. Default: the sample under data/humaneval."""
+    return load_benchmark("humaneval", path_or_id)
 
 
 LETTERS = "ABCD"

@@ -24,7 +24,7 @@ from budget_reasoner.progress import say
 from budget_reasoner.sampling import chat_prompt
 from budget_reasoner.sampling.local import generate_texts, prompt_texts
 from budget_reasoner.stages import check_adapter, stage_model_paths, tokenizer_of
-from budget_reasoner.verify import ballot, check, equivalent, grade
+from budget_reasoner.verify import ballot, equivalent, grade_many
 
 
 def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Hardware):
@@ -82,7 +82,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
                 prompts = [chat_prompt(q, preset.generate.instruction) for q in questions[start : start + shard_size]]
                 answers = _generate_answers(model, tokenizer, prompts, prompt_texts(tokenizer, prompts), preset,
                                             label, seed=preset.seed + index)
-                shard_rows = [result_row(domain, problem, *answer) for problem, *answer in zip(shard, *answers)]
+                shard_rows = result_rows(domain, shard, *answers)
                 write_jsonl(path, shard_rows)
                 rows += shard_rows
     finally:  # every session that answered is kept, an interrupted one's too; the summary reports the sum and the max
@@ -162,16 +162,29 @@ def _prompt_tokens(tokenizer, question: str, preset: Preset) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def result_row(domain: str, problem: dict, completion: str, tokens: int, samples: list) -> dict:
-    """One problem's graded answers: the first (greedy or budget-forced) and, with samples, vote and best-of-n."""
-    verdict = grade(domain, completion, problem["answer"])
+def result_rows(domain: str, problems: list[dict], completions: list[str], tokens: list[int], samples: list) -> list[dict]:
+    """A shard's rows, every answer graded in one batch: a grader that runs programs (code) runs them concurrently."""
+    texts = [[completion, *(sample.text for sample in drawn)] for completion, drawn in zip(completions, samples)]
+    verdicts = iter(grade_many(domain, [text for group in texts for text in group],
+                               [problem["answer"] for problem, group in zip(problems, texts) for _ in group]))
+    return [result_row(domain, problem, completion, count, drawn, [next(verdicts) for _ in group])
+            for problem, completion, count, drawn, group in zip(problems, completions, tokens, samples, texts)]
+
+
+def result_row(domain: str, problem: dict, completion: str, tokens: int, samples: list, verdicts: list | None = None) -> dict:
+    """One problem's graded answers: the first (greedy or budget-forced) and, with samples, vote and best-of-n.
+
+    `verdicts` (the first answer's, then each sample's) are graded here when not given."""
+    if verdicts is None:
+        verdicts = grade_many(domain, [completion, *(s.text for s in samples)], [problem["answer"]] * (1 + len(samples)))
+    verdict = verdicts[0]
     row = {"id": problem["id"], "question": problem["question"], "answer": problem["answer"],
            "completion": completion, "tokens": tokens, "correct": verdict.correct, "error": verdict.error}
     if samples:
         # Every sample graded once; the vote clusters answers by meaning and takes its verdict from them,
         # so pass@k, maj@k and best-of-k agree on what a correct sample is (hedged samples do not vote).
         texts = [s.text for s in samples]
-        correct = [check(domain, text, problem["answer"]) for text in texts]
+        correct = [sample_verdict.correct for sample_verdict in verdicts[1:]]
         answers = [ballot(domain, text) for text in texts]
         clusters = cluster_answers(answers, lambda a, b: equivalent(domain, a, b), correct)
         majority = vote(answers, clusters, correct)

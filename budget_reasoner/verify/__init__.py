@@ -8,10 +8,10 @@ Rejection sampling keeps what `check` accepts, DPO pairs follow its verdicts, an
 """
 
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.verify import choice as _choice, math as _math
+from budget_reasoner.verify import choice as _choice, code as _code, math as _math
 from budget_reasoner.verify.math import Verdict, extract_answer
 
-__all__ = ["Verdict", "ballot", "check", "equivalent", "extract", "extract_answer", "grade"]
+__all__ = ["Verdict", "ballot", "check", "equivalent", "extract", "extract_answer", "grade", "grade_many"]
 
 
 def _module(domain: str):
@@ -19,12 +19,17 @@ def _module(domain: str):
         return _math
     if domain == "choice":
         return _choice
-    raise BudgetReasonerError(f"no verifier for domain {domain!r}; available: math, choice")
+    if domain == "code":
+        return _code  # runs the completion's last python block against the reference's tests (verify/code.py)
+    raise BudgetReasonerError(f"no verifier for domain {domain!r}; available: math, choice, code")
 
 
 def extract(domain: str, completion: str) -> str | None:
     """The final answer in the domain's terms (a normalized math answer, or an option letter)."""
-    return _choice.extract_choice(completion) if _module(domain) is _choice else extract_answer(completion)
+    module = _module(domain)
+    if module is _choice:
+        return _choice.extract_choice(completion)
+    return module.extract(completion) if hasattr(module, "extract") else extract_answer(completion)
 
 
 def grade(domain: str, completion, reference) -> Verdict:
@@ -33,6 +38,14 @@ def grade(domain: str, completion, reference) -> Verdict:
 
 def check(domain: str, completion, reference) -> bool:
     return grade(domain, completion, reference).correct
+
+
+def grade_many(domain: str, completions, references) -> list[Verdict]:
+    """`grade` over pairs, in order; a grader that runs programs (code) runs them concurrently."""
+    module = _module(domain)
+    if hasattr(module, "grade_many"):
+        return module.grade_many(list(completions), list(references))
+    return [module.grade(completion, reference) for completion, reference in zip(completions, references, strict=True)]
 
 
 def ballot(domain: str, completion) -> str | None:
