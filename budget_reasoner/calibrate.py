@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from budget_reasoner.config import Preset
-from budget_reasoner.domains import math as math_domain
+from budget_reasoner.domains import Domain, get_domain, problem_id
+from budget_reasoner.domains.chain import format_chain, format_direct
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import write_jsonl
 from budget_reasoner.plan import StageTime, TimePlan, workload
@@ -65,7 +66,7 @@ class CpuRates:
 
 def chain_tokens(tokenizer, problems) -> list[int]:
     """Tokens of each problem's worked chain plus the stop token: what a trained teacher (or student) writes."""
-    return [len(tokenizer(math_domain.format_chain(p.steps, p.answer), add_special_tokens=False)["input_ids"]) + 1
+    return [len(tokenizer(format_chain(p.steps, p.answer), add_special_tokens=False)["input_ids"]) + 1
             for p in problems]
 
 
@@ -97,8 +98,9 @@ def _training_rates(record: dict, wall: float, steps: int) -> tuple[float, float
     return per_step, max(0.0, record["seconds"] - per_step * steps), max(0.0, wall - record["seconds"])
 
 
-def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
-    """Time each kind of work quickstart does under `preset` (a CPU preset of the offline world)."""
+def calibrate(preset: Preset, domain: Domain | str = "math") -> CpuRates:
+    """Time each kind of work quickstart does under `preset` (a CPU preset of the offline world) on the domain's
+    problems and chains."""
     from budget_reasoner.hardware import hardware_for
     from budget_reasoner.models import build_tiny_model
     from budget_reasoner.train.distill import cache_teacher_topk, distill
@@ -112,12 +114,12 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
         torch.set_num_threads(preset.threads)
     began = time.perf_counter()
     gen, ev, pretrain = preset.generate, preset.eval, preset.pretrain
-    hardware = hardware_for(preset)
-    tokenizer = build_offline_tokenizer(preset)
+    hardware, domain = hardware_for(preset), get_domain(domain)
+    tokenizer = build_offline_tokenizer(preset, domain)
     positions = preset.model.max_length + gen.max_new_tokens
-    problems = math_domain.make_problems(max(512, gen.num_train_problems), gen.seed + 101, gen.min_steps, gen.max_steps)
+    problems = domain.draw(max(512, gen.num_train_problems), gen.seed + 101, gen.min_steps, gen.max_steps)
     chain_length = max(chain_tokens(tokenizer, problems))
-    direct_length = max(len(tokenizer(math_domain.format_direct(p.answer), add_special_tokens=False)["input_ids"]) + 1
+    direct_length = max(len(tokenizer(format_direct(p.answer), add_special_tokens=False)["input_ids"]) + 1
                         for p in problems)
     questions = [p.question for p in problems]
     say(f"plan: calibrating on this machine (~1 min): chains of up to {chain_length} tokens")
@@ -130,7 +132,8 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
             tokenizer.save_pretrained(folder / role)
 
         # bootstrap: per-step from the loop's own log (steps 1 and 11), tokenizing from a timed slice
-        examples = teacher_examples(dataclasses.replace(preset, pretrain=dataclasses.replace(pretrain, num_problems=2000)), set())
+        examples = teacher_examples(dataclasses.replace(preset, pretrain=dataclasses.replace(pretrain, num_problems=2000)), set(),
+                                    domain)
         started = time.perf_counter()
         for question, completion in examples:
             encode_prompt_completion(tokenizer, [{"role": "user", "content": question}], completion)
@@ -140,7 +143,7 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
             history = train_from_scratch(model, tokenizer, examples[:256], 11, pretrain.batch_size, pretrain.learning_rate,
                                          preset.seed, f"calibrate {role}")
             per_step[role] = (history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
-        check_problems = math_domain.make_problems(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps)
+        check_problems = domain.draw(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps)
         check_length = max(chain_tokens(tokenizer, check_problems))
         check_seconds = _decode_seconds(models["teacher"], tokenizer, [p.question for p in check_problems],
                                         len(check_problems), check_length, "")
@@ -155,16 +158,16 @@ def calibrate(preset: Preset, domain: str = "math") -> CpuRates:
         started = time.perf_counter()
         graded = problems[:500]
         for p in graded:
-            check(domain, math_domain.format_chain(p.steps, p.answer), p.answer)
+            check(domain, format_chain(p.steps, p.answer), p.answer)
         grade_chain = (time.perf_counter() - started) / len(graded)
 
         # the training stages themselves, on data of the size the run will have
         work = workload(preset, pass_rate=1.0, kept_per_problem=1)
-        sft_rows = [{"id": p.id, "prompt": chat_prompt(p.question, gen.instruction),
-                     "completion": [{"role": "assistant", "content": math_domain.format_chain(p.steps, p.answer)}]}
+        sft_rows = [{"id": problem_id(domain.name, p.question), "prompt": chat_prompt(p.question, gen.instruction),
+                     "completion": [{"role": "assistant", "content": format_chain(p.steps, p.answer)}]}
                     for p in (problems * math.ceil(work.sft_examples / len(problems)))[: work.sft_examples]]
         pair_rows = [{"id": row["id"], "prompt": row["prompt"], "chosen": row["completion"],
-                      "rejected": [{"role": "assistant", "content": math_domain.format_chain(p.steps, str(int(p.answer) + 1))}]}
+                      "rejected": [{"role": "assistant", "content": format_chain(p.steps, p.answer + "1")}]}
                      for row, p in zip(sft_rows[:200], problems)]
         write_jsonl(folder / "sft.jsonl", sft_rows)
         write_jsonl(folder / "pairs.jsonl", pair_rows)
@@ -240,8 +243,8 @@ def plan_time_on_cpu(preset: Preset, rates: CpuRates, teacher_steps: int | None 
 
 # ---- One entry point for the CLI's `plan` and quickstart's `--max-hours` -------------------------------------
 
-def calibration_path(preset: Preset) -> Path:
-    """Where this machine's calibration of `preset` is kept: per preset content, CPU count and torch version."""
+def calibration_path(preset: Preset, domain: Domain | str = "math") -> Path:
+    """Where this machine's calibration of `preset` is kept: per preset content, domain, CPU count and torch version."""
     import os
 
     from budget_reasoner.io import digest
@@ -256,18 +259,19 @@ def calibration_path(preset: Preset) -> Path:
               "eval.maj_k": 0, "pretrain.teacher_steps": 1, "pretrain.student_steps": 1}
     counts |= {f"{stage}.{name}": 1 for stage in ("sft", "dpo", "distill", "grpo") for name in ("max_steps", "save_steps")}
     key = digest({"preset": load_preset_with(preset, counts).to_dict(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                  "budget_reasoner": __version__, "rates": CALIBRATION_SCHEMA})
+                  "budget_reasoner": __version__, "rates": CALIBRATION_SCHEMA}
+                 | ({} if get_domain(domain).name == "math" else {"domain": get_domain(domain).settings()}))
     return cache / "calibration" / f"{preset.name}-{key[:16]}.json"
 
 
-def cpu_rates(preset: Preset, recalibrate: bool = False, measure: bool = True) -> CpuRates | None:
+def cpu_rates(preset: Preset, recalibrate: bool = False, measure: bool = True, domain: Domain | str = "math") -> CpuRates | None:
     """This machine's calibration of `preset`: read from its cache file, else measured (and cached), or None when
     `measure` is off and nothing is cached."""
     import json
 
     from budget_reasoner.io import write_json
 
-    path = calibration_path(preset)
+    path = calibration_path(preset, domain)
     if path.is_file() and not recalibrate:
         try:
             return CpuRates(**json.loads(path.read_text()))
@@ -275,14 +279,15 @@ def cpu_rates(preset: Preset, recalibrate: bool = False, measure: bool = True) -
             pass
     if not measure:
         return None
-    rates = calibrate(preset)
+    rates = calibrate(preset, domain)
     write_json(path, rates.to_dict())
     return rates
 
 
 def plan_quickstart(preset: Preset, gpu: str | None = None, vram_gib: float | None = None, teacher: str | None = None,
                     gpu_hour_price: float | None = None, token_price: tuple[float, float] | None = None,
-                    recalibrate: bool = False, measure: bool = True, gpus: int = 1, replicas: int = 0) -> TimePlan | None:
+                    recalibrate: bool = False, measure: bool = True, gpus: int = 1, replicas: int = 0,
+                    domain: Domain | str = "math") -> TimePlan | None:
     """The time (and cost) plan of quickstart under `preset`: on a named card (`gpu`, or the table's card nearest
     `vram_gib`, or the CUDA card here) from the analytic model; on the CPU, from this machine's calibration
     (None if `measure` is off and none is cached). `gpus`, `replicas`: data-parallel training cards and vLLM
@@ -305,7 +310,7 @@ def plan_quickstart(preset: Preset, gpu: str | None = None, vram_gib: float | No
     if gpus > 1 or replicas:
         raise BudgetReasonerError(f"--gpus and --replicas plan GPU cards, and preset {preset.name} plans this CPU; add "
                                   f"--gpu NAME (e.g. --gpu a100-80gb) or pick a GPU preset")
-    rates = cpu_rates(preset, recalibrate, measure)
+    rates = cpu_rates(preset, recalibrate, measure, domain)
     return None if rates is None else plan_time_on_cpu(preset, rates)
 
 

@@ -173,3 +173,91 @@ def parse_problem_source(spec: str) -> tuple[str, str | None]:
         raise BudgetReasonerError(f"problem set {spec!r}: unknown name {name.strip()!r}; use one of {', '.join(BENCHMARKS)}, "
                                   f"optionally as NAME=PATH_OR_HUB_ID")
     return name.strip(), where.strip() or None
+
+
+PROBLEM_FILE_COLUMNS = ("question", "answer", "id")  # what --columns may map; id is optional
+PROBLEM_FILE_KINDS = (".jsonl", ".csv", ".parquet")
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """`--columns question=prompt,answer=solution`: our column -> the file's."""
+    mapping = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        ours, separator, theirs = (part.strip() for part in item.partition("="))
+        if not separator or not theirs or ours not in PROBLEM_FILE_COLUMNS:
+            raise BudgetReasonerError(f"--columns {text!r}: expected OURS=THEIRS pairs with OURS one of "
+                                      f"{', '.join(PROBLEM_FILE_COLUMNS)}, e.g. question=prompt,answer=solution")
+        mapping[ours] = theirs
+    return mapping
+
+
+def load_problem_file(path: str | Path, columns: dict[str, str] | None = None, domain: str = "math") -> list[dict]:
+    """A user's problems (`--problems`): JSONL, CSV or Parquet with a question and an answer column (named by
+    `columns`, default `question` and `answer`; an `id` column is kept), as problem rows. A missing column, or a
+    row without a question or answer, is one line naming the file and the row (JSONL: its line)."""
+    path, given = Path(path), bool(columns)
+    columns = {"question": "question", "answer": "answer", **(columns or {})}
+    if not path.is_file():
+        raise BudgetReasonerError(f"{path}: file not found")
+    if path.suffix.lower() not in PROBLEM_FILE_KINDS:
+        raise BudgetReasonerError(f"{path}: a problems file must be {', '.join(PROBLEM_FILE_KINDS)}, got {path.suffix or 'no suffix'}")
+    where, records, names = _read_table(path)
+    missing = [f"{theirs!r} (for {ours})" for ours, theirs in columns.items() if ours != "id" and theirs not in names]
+    if missing:
+        mapping = "" if given else "; map yours with --columns question=NAME,answer=NAME"
+        raise BudgetReasonerError(f"{path}: missing column(s) {', '.join(missing)}; it has {', '.join(map(str, names)) or 'none'}{mapping}")
+    rows = []
+    for number, record in records:
+        row = {}
+        for ours in ("question", "answer"):
+            value = record.get(columns[ours])
+            if isinstance(value, float) and value != value:  # a CSV's or Parquet's empty cell read as NaN
+                value = None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = _number_text(value)
+            if not isinstance(value, str) or not value.strip():
+                raise BudgetReasonerError(f"{path}: {where} {number}: {ours} (column {columns[ours]!r}) must be "
+                                          f"non-empty text, got {value!r}")
+            row[ours] = value.strip()
+        given_id = record.get(columns.get("id", "id"))
+        rows.append({"id": str(given_id) if given_id not in (None, "") else
+                     f"{domain}-" + hashlib.sha1(row["question"].encode()).hexdigest()[:12],
+                     "domain": domain, "question": row["question"], "answer": row["answer"], "source": f"file:{path.name}"})
+    if not rows:
+        raise BudgetReasonerError(f"{path}: no problems in it")
+    return rows
+
+
+def _read_table(path: Path) -> tuple[str, list[tuple[int, dict]], list[str]]:
+    """(what a row is called in errors, the numbered records, the column names) of a JSONL, CSV or Parquet file."""
+    kind = path.suffix.lower()
+    if kind == ".jsonl":
+        import json
+
+        records = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise BudgetReasonerError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise BudgetReasonerError(f"{path}: line {number}: expected a JSON object")
+                records.append((number, record))
+        return "line", records, list(dict.fromkeys(name for _, record in records for name in record))
+    if kind == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            records = list(enumerate(reader, 1))  # rows counted after the header
+        return "row", records, list(reader.fieldnames or [])
+    try:
+        import pyarrow.parquet as parquet
+
+        table = parquet.read_table(path)
+    except Exception as error:  # not Parquet, or damaged: say so in one line
+        raise BudgetReasonerError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
+    return "row", list(enumerate(table.to_pylist(), 1)), table.column_names

@@ -24,6 +24,7 @@ import torch
 
 from budget_reasoner.calibrate import over_budget, plan_quickstart, still_to_run
 from budget_reasoner.config import Preset
+from budget_reasoner.domains import Domain, get_domain, recorded, with_instruction
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
@@ -59,11 +60,11 @@ def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = F
 
     With `overwrite`, a folder of another run (or of no run) is emptied first: deleted, not moved aside, and only
     once this process holds its lock (quickstart's caller took it), so a refused run deletes nothing."""
-    record = {"preset": preset.name, "domain": domain, "fingerprint": preset_fingerprint(preset)}
+    record = {"preset": preset.name, "domain": recorded(domain), "fingerprint": preset_fingerprint(preset)}
     path = out / "run.json"
     if path.exists() and not overwrite:
         existing = read_json(path)
-        if existing.get("fingerprint") != record["fingerprint"] or existing.get("domain") != domain:
+        if existing.get("fingerprint") != record["fingerprint"] or existing.get("domain") != record["domain"]:
             raise BudgetReasonerError(
                 f"{out} holds a run of preset {existing.get('preset')!r} (domain {existing.get('domain')!r}) with other "
                 f"settings; pass a new --out folder, or --overwrite to delete it and start over"
@@ -101,15 +102,16 @@ def needs_bootstrap(preset: Preset) -> bool:
 
 
 @writes_folder("out")
-def run_bootstrap(out: Path, preset: Preset) -> dict:
+def run_bootstrap(out: Path, preset: Preset, domain: Domain | str = "math") -> dict:
+    """The offline world's tiny teacher and student base, trained on the domain's problems and steps."""
     models_dir = out / "models"
     settings = {**settings_of(preset, "seed", "pretrain", "model.tiny_student", "model.tiny_teacher", "model.max_length",
-                              "generate.max_new_tokens"), "problems": problem_settings(preset, "math")}
+                              "generate.max_new_tokens"), "problems": problem_settings(preset, domain)}
     if (record := claim_stage(models_dir, "bootstrap", {}, settings, record=COMPLETE)) is not None:
         return record
-    _, held_out = write_problems(out / "data" / "problems", preset)
+    _, held_out = write_problems(out / "data" / "problems", preset, domain)
     started = time.time()
-    log = bootstrap(preset, models_dir, {row["question"] for row in held_out})
+    log = bootstrap(preset, models_dir, {row["question"] for row in held_out}, domain=domain)
     summary = {role: {key: info[key] for key in ("parameters", "seconds", "loss", "steps", "check_accuracy") if key in info}
                for role, info in log.items()}
     summary["seconds"] = time.time() - started
@@ -153,7 +155,7 @@ class LocalTeacher:
 
 
 @writes_folder("out")
-def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str = "none",
+def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_to: str = "none",
                gpu_hour_price: float | None = None, overwrite: bool = False, max_hours: float | None = None,
                rl: str = "none", rounds: int = 1) -> dict:
     """Run the whole recipe into `out` and write the report. Returns the report as a dict.
@@ -170,17 +172,19 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     The time plan (calibrate.py) is said first: on a GPU preset always; on the CPU when this machine's calibration
     is cached or `max_hours` asks for one. A plan over `max_hours` stops here, before anything loads or is written."""
     out = Path(out)
+    domain = get_domain(domain)  # a name, a .py file, or a Domain built with --problems/--verifier (domains/)
+    preset = with_instruction(preset, domain)
     if rl not in RL_STAGES:
         raise BudgetReasonerError(f"--rl must be one of {', '.join(RL_STAGES)}, got {rl!r}")
     if rounds < 1:
         raise BudgetReasonerError(f"--rounds must be at least 1 (1: the teacher's chains alone), got {rounds}")
-    plan = plan_quickstart(preset, gpu_hour_price=gpu_hour_price, measure=max_hours is not None)
+    plan = plan_quickstart(preset, gpu_hour_price=gpu_hour_price, measure=max_hours is not None, domain=domain)
     if plan is not None:
         plan = still_to_run(plan, out)
         say(plan.table())
 
         def replan(changed: Preset):
-            return still_to_run(plan_quickstart(changed, gpu_hour_price=gpu_hour_price, measure=True), out)
+            return still_to_run(plan_quickstart(changed, gpu_hour_price=gpu_hour_price, measure=True, domain=domain), out)
 
         if max_hours is not None and (verdict := over_budget(plan, preset, max_hours, replan)):
             raise BudgetReasonerError(verdict)
@@ -192,9 +196,9 @@ def quickstart(out: Path, preset: Preset, domain: str = "math", report_to: str =
     say(f"budget-reasoner quickstart: preset {preset.name} on {hardware.describe()} -> {out}")
     student, teacher, scorer = model_paths(out, preset)
     held_out = out / "data" / "problems" / "held_out.jsonl"
-    results: dict = {"preset": preset.name, "domain": domain, "hardware": hardware.describe(), "stages": {}}
+    results: dict = {"preset": preset.name, "domain": domain.name, "hardware": hardware.describe(), "stages": {}}
     if needs_bootstrap(preset):
-        results["bootstrap"] = run_bootstrap(out, preset)
+        results["bootstrap"] = run_bootstrap(out, preset, domain)
     write_problems(out / "data" / "problems", preset, domain)
 
     benchmarks = {spec: benchmark_problems_file(out, spec, preset) for spec in preset.eval.benchmarks}

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from budget_reasoner import verify
-from budget_reasoner.domains.math import THINK_CLOSE, THINK_OPEN
+from budget_reasoner.domains.chain import THINK_CLOSE, THINK_OPEN
 from budget_reasoner.verify.math import boxed_contents
 
 CHAIN_SHAPE = re.compile(rf"^\s*{re.escape(THINK_OPEN)}(?P<thought>.*?){re.escape(THINK_CLOSE)}(?P<answer>.*)$", re.DOTALL)

@@ -165,7 +165,7 @@ def test_hedged_completions_do_not_get_a_ballot():
 def test_an_unknown_domain_is_a_one_line_error():
     from budget_reasoner.errors import BudgetReasonerError
 
-    with pytest.raises(BudgetReasonerError, match="no verifier for domain 'chess'"):
+    with pytest.raises(BudgetReasonerError, match="no verifier 'chess'; available: math, choice, logic"):
         check("chess", "e4", "e4")
 
 

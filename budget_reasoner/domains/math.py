@@ -24,10 +24,11 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from budget_reasoner.domains.chain import THINK_CLOSE, THINK_OPEN, format_chain, format_direct  # noqa: F401 (re-exported: the math helpers callers use)
 from budget_reasoner.errors import BudgetReasonerError
 
-DOMAIN = "math"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DOMAIN = NAME = "math"  # the domain interface (domains/__init__.py): NAME, VERIFIER, make_problems, ...
+VERIFIER = "math"  # verify/math.py: exact numbers, then symbolic equality
 MAX_VALUE = 99  # every value stays in 0..99: arithmetic a tiny model learns in minutes, composition it does not
 
 
@@ -47,16 +48,6 @@ class Problem:
 
 def problem_id(question: str) -> str:
     return "math-" + hashlib.sha1(question.encode()).hexdigest()[:12]
-
-
-def format_chain(steps: list[str] | tuple[str, ...], answer: str) -> str:
-    """The one chain format every stage writes and every verifier reads."""
-    return f"{THINK_OPEN}\n" + "".join(step + "\n" for step in steps) + f"{THINK_CLOSE}\n\\boxed{{{answer}}}"
-
-
-def format_direct(answer: str) -> str:
-    """An answer with an empty thought: how the student base is taught to reply."""
-    return format_chain([], answer)
 
 
 def _apply(value: int, op: str, operand: int) -> int:

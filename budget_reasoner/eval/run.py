@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from budget_reasoner.config import Preset
+from budget_reasoner.domains import Domain, recorded
 from budget_reasoner.eval.budget_forcing import generate_with_budget
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, cluster_answers, mean, pass_at_k, tokens_curve, vote
 from budget_reasoner.errors import BudgetReasonerError
@@ -44,7 +45,7 @@ def load_for_inference(model_or_stage: str | Path, preset: Preset, hardware: Har
     return model, tokenizer
 
 
-def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: str = "math",
+def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset: Preset, domain: Domain | str = "math",
              hardware: Hardware | None = None, name: str | None = None, load=None, overwrite: bool = False) -> dict:
     """Greedy (or budget-forced) accuracy, and over `eval.maj_k` samples: pass@1, pass@k, maj@k, best-of-k.
 
@@ -58,7 +59,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     out = Path(out)
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS, PROBLEM_KINDS)  # bad rows: one line, nothing claimed
     settings = {**settings_of(preset, *MODEL_SETTINGS, "eval", "generate.instruction", "generate.shard_size"),
-                "domain": domain}
+                "domain": recorded(domain)}  # a domain, or a verifier's name: what grades
     if (record := claim_stage(out, "eval", {"model": model_or_stage, "problems": problems_file}, settings, overwrite,
                               record="summary.json", keep=[problems_file])) is not None:
         return record

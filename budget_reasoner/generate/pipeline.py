@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from budget_reasoner.config import Preset
-from budget_reasoner.domains import get_domain
+from budget_reasoner.domains import Domain, get_domain, recorded
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.hardware import PeakMemory
@@ -35,33 +35,34 @@ MAX_PAIRS_PER_PROBLEM = 2
 TRANSPORT_SETTINGS = ("concurrency", "max_retries", "request_timeout")
 
 
-def problem_settings(preset: Preset, domain: str) -> dict:
+def problem_settings(preset: Preset, domain: Domain | str) -> dict:
     gen = preset.generate
-    return {"domain": domain, "num_train": gen.num_train_problems, "num_eval": gen.num_eval_problems,
+    # a built-in by name (as before), a user's module or problems file with its content's digest
+    return {"domain": recorded(get_domain(domain)), "num_train": gen.num_train_problems, "num_eval": gen.num_eval_problems,
             "min_steps": gen.min_steps, "max_steps": gen.max_steps, "seed": gen.seed,
             "seed_sets": list(gen.seed_sets), "num_seed_problems": gen.num_seed_problems,
             "decontaminate": list(gen.decontaminate)}
 
 
-def write_problems(folder: Path, preset: Preset, domain: str = "math", overwrite: bool = False) -> tuple[list[dict], list[dict]]:
+def write_problems(folder: Path, preset: Preset, domain: Domain | str = "math", overwrite: bool = False) -> tuple[list[dict], list[dict]]:
     """Draw (or reread) the train and held-out problems. A folder drawn with other settings is an error, not a mix.
 
-    Train = the domain's procedural problems + the seed sets' training problems, without repeats and without
-    any that overlap the held-out split or a `generate.decontaminate` set (13-gram, see decontaminate.py)."""
+    Train = the domain's problems (procedural, or its file, or --problems) + the seed sets' training problems,
+    without repeats and without any that overlap the held-out split or a `generate.decontaminate` set (13-gram,
+    see decontaminate.py)."""
     folder = Path(folder)
     settings = problem_settings(preset, domain)
     if claim_stage(folder, "problems", {}, {"problems": settings}, overwrite, record=COMPLETE) is not None:
         return (read_jsonl(folder / "train.jsonl", PROBLEM_COLUMNS, PROBLEM_KINDS),
                 read_jsonl(folder / "held_out.jsonl", PROBLEM_COLUMNS, PROBLEM_KINDS))
-    module = get_domain(domain)
     gen = preset.generate
-    train, held_out = module.make_splits(gen.num_train_problems, gen.num_eval_problems, gen.seed, gen.min_steps, gen.max_steps)
-    held_rows = [p.to_row("procedural-held-out") for p in held_out]
+    train_rows, held_rows = get_domain(domain).splits(gen.num_train_problems, gen.num_eval_problems, gen.seed,
+                                                      gen.min_steps, gen.max_steps)
     seeds = [{key: row[key] for key in PROBLEM_COLUMNS}
              for spec in gen.seed_sets for row in load_benchmark(*parse_problem_source(spec), train=True)]
     if 0 < gen.num_seed_problems < len(seeds):
         seeds = random.Random(gen.seed).sample(seeds, gen.num_seed_problems)
-    train_rows, duplicates = deduplicate([p.to_row("procedural") for p in train] + seeds)
+    train_rows, duplicates = deduplicate(train_rows + seeds)
     references = {"held-out": [row["question"] for row in held_rows]}
     for spec in gen.decontaminate:
         references[spec] = [row["question"] for row in load_benchmark(*parse_problem_source(spec))]
@@ -77,7 +78,7 @@ def write_problems(folder: Path, preset: Preset, domain: str = "math", overwrite
 
 
 @writes_folder("out")
-def generate(out: Path, preset: Preset, teacher, domain: str = "math", overwrite: bool = False,
+def generate(out: Path, preset: Preset, teacher, domain: Domain | str = "math", overwrite: bool = False,
              token_price: tuple[float, float] | None = None, allow_none_verified: bool = False) -> dict:
     """Sample `samples_per_problem` chains per training problem from `teacher`, verify, build SFT set and pairs.
 
@@ -92,7 +93,8 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math", overwrite
     out = Path(out)
     generate_settings = {key: value for key, value in settings_of(preset, "generate")["generate"].items()
                          if key not in TRANSPORT_SETTINGS}
-    settings = {"generate": generate_settings, "domain": domain}
+    domain = get_domain(domain)
+    settings = {"generate": generate_settings, "domain": recorded(domain)}
     if (record := claim_stage(out, "generate", {"teacher": getattr(teacher, "source", None) or f"teacher:{teacher.name}"},
                               settings, overwrite, record=COMPLETE)) is not None:
         return record
@@ -109,7 +111,7 @@ def generate(out: Path, preset: Preset, teacher, domain: str = "math", overwrite
         compute = add_session(out, time.time() - started, peak.bytes if device else None)
     chains = read_shards(chains_dir, CHAIN_COLUMNS, CHAIN_KINDS)
     sft_rows = build_sft_rows(chains, gen.instruction)
-    pair_rows = build_pairs(chains, gen.instruction, getattr(get_domain(domain), "rejected_prefix", None))
+    pair_rows = build_pairs(chains, gen.instruction, domain.rejected_prefix)
     write_jsonl(out / "sft" / "train.jsonl", sft_rows)
     write_jsonl(out / "pairs" / "train.jsonl", pair_rows)
     drawn = read_json(out / "problems" / "COMPLETE.json")

@@ -18,6 +18,7 @@ import importlib.util
 from pathlib import Path
 
 from budget_reasoner.config import Preset
+from budget_reasoner.domains import Domain, recorded
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import MODEL_SETTINGS, claim_stage, read_jsonl, settings_of, writes_folder
@@ -45,7 +46,7 @@ def grpo_arguments(preset: Preset, hardware: Hardware, out: Path, report_to: str
 
 
 @writes_folder("out")
-def grpo(problems_file: Path, start: str | Path, out: Path, preset: Preset, domain: str = "math",
+def grpo(problems_file: Path, start: str | Path, out: Path, preset: Preset, domain: Domain | str = "math",
          hardware: Hardware | None = None, report_to: str = "none", overwrite: bool = False) -> dict:
     """GRPO on the problems of `problems_file` (JSONL: id, domain, question, answer, source) from `start` (a stage
     folder or a base model); write the adapter to `out`. The stage record's `history` carries each logged step's
@@ -58,7 +59,7 @@ def grpo(problems_file: Path, start: str | Path, out: Path, preset: Preset, doma
     if len(problems) < preset.grpo.batch_size // preset.grpo.num_generations:
         raise BudgetReasonerError(f"{problems_file}: {len(problems)} problems, fewer than one step's "
                                   f"{preset.grpo.batch_size // preset.grpo.num_generations} (grpo.batch_size / grpo.num_generations)")
-    settings = {**settings_of(preset, *MODEL_SETTINGS, "lora", "grpo", "generate.instruction"), "domain": domain}
+    settings = {**settings_of(preset, *MODEL_SETTINGS, "lora", "grpo", "generate.instruction"), "domain": recorded(domain)}
     if (record := claim_stage(out, "grpo", {"problems": problems_file, "start": start}, settings, overwrite)) is not None:
         return record
     hardware = hardware or hardware_for(preset)

@@ -3,7 +3,9 @@
 With no weights to download, the later stages need models that already know something. The teacher
 learns multi-step problems with worked chains; the student base learns to answer directly, without
 chains (single-step problems, which it masters, and multi-step ones, which it mostly cannot do in one
-pass). A plain PyTorch loop: full-parameter training of a few-million-parameter model needs nothing more.
+pass). The domain (domains/__init__.py: make_problems with `steps`, single_steps) says what a problem, a
+step and a chain are. A plain PyTorch loop: full-parameter training of a few-million-parameter model needs
+nothing more.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Callable
 import torch
 
 from budget_reasoner.config import Preset
-from budget_reasoner.domains import math as math_domain
+from budget_reasoner.domains import Domain, get_domain
+from budget_reasoner.domains.chain import format_chain, format_direct
 from budget_reasoner.models import build_tiny_model, build_tokenizer
 from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.sampling.local import generate_texts, prompt_texts
@@ -26,37 +29,37 @@ from budget_reasoner.verify import extract_answer
 TOKENIZER_SEED = 12345
 
 
-def build_offline_tokenizer(preset: Preset):
-    """One tokenizer for teacher and student (logit-level KD needs a shared vocabulary)."""
-    problems = math_domain.make_problems(2000, TOKENIZER_SEED, 1, preset.generate.max_steps)
+def build_offline_tokenizer(preset: Preset, domain: Domain | str = "math"):
+    """One tokenizer for teacher and student (logit-level KD needs a shared vocabulary), from the domain's text."""
+    problems = get_domain(domain).draw(2000, TOKENIZER_SEED, 1, preset.generate.max_steps)
     corpus = [
-        f"<|im_start|>user\n{p.question}<|im_end|>\n<|im_start|>assistant\n{math_domain.format_chain(p.steps, p.answer)}<|im_end|>\n"
+        f"<|im_start|>user\n{p.question}<|im_end|>\n<|im_start|>assistant\n{format_chain(p.steps, p.answer)}<|im_end|>\n"
         for p in problems
     ]
     return build_tokenizer(corpus)
 
 
-def teacher_examples(preset: Preset, exclude: set[str]) -> list[tuple[str, str]]:
+def teacher_examples(preset: Preset, exclude: set[str], domain: Domain | str = "math") -> list[tuple[str, str]]:
     """Multi-step problems (1 to max_steps operations) with their worked chains."""
     gen = preset.generate
-    problems = math_domain.make_problems(preset.pretrain.num_problems, preset.seed + 7, 1, gen.max_steps, exclude)
-    return [(p.question, math_domain.format_chain(p.steps, p.answer)) for p in problems]
+    problems = get_domain(domain).draw(preset.pretrain.num_problems, preset.seed + 7, 1, gen.max_steps, exclude)
+    return [(p.question, format_chain(p.steps, p.answer)) for p in problems]
 
 
-def student_examples(preset: Preset, exclude: set[str]) -> list[tuple[str, str]]:
+def student_examples(preset: Preset, exclude: set[str], domain: Domain | str = "math") -> list[tuple[str, str]]:
     """Single-step skills (stated as one equation) plus multi-step problems answered directly, with no chain.
 
     The student thus knows each operation and the notation of a step, but has never composed steps:
     the chains it will learn from the teacher are what teach it to.
     """
-    gen = preset.generate
+    gen, domain = preset.generate, get_domain(domain)
     half = preset.pretrain.num_problems // 2
-    multi = math_domain.make_problems(half, preset.seed + 13, gen.min_steps, gen.max_steps, exclude)
+    multi = domain.draw(half, preset.seed + 13, gen.min_steps, gen.max_steps, exclude)
     # skills drawn from other problems' chains, so they cover the values that steps really meet
-    donors = math_domain.make_problems(half // 2, preset.seed + 11, gen.min_steps, gen.max_steps, exclude)
-    single = math_domain.single_steps(donors)[:half]
-    return [(p.question, math_domain.format_chain(p.steps, p.answer)) for p in single] + [
-        (p.question, math_domain.format_direct(p.answer)) for p in multi
+    donors = domain.draw(half // 2, preset.seed + 11, gen.min_steps, gen.max_steps, exclude)
+    single = domain.skills(donors)[:half]
+    return [(p.question, format_chain(p.steps, p.answer)) for p in single] + [
+        (p.question, format_direct(p.answer)) for p in multi
     ]
 
 
@@ -134,7 +137,7 @@ def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps:
 def greedy_accuracy(tokenizer, problems: list) -> Callable:
     """check(model) -> the share of `problems` the model answers right, greedy, in the chain format."""
     texts = prompt_texts(tokenizer, [[{"role": "user", "content": p.question}] for p in problems])
-    longest = max(len(math_domain.format_chain(p.steps, p.answer)) for p in problems)  # characters >= tokens
+    longest = max(len(format_chain(p.steps, p.answer)) for p in problems)  # characters >= tokens
 
     def check(model) -> float:
         outputs = generate_texts(model, tokenizer, texts, max_new_tokens=longest, batch_size=len(texts), description="check")
@@ -146,23 +149,26 @@ def greedy_accuracy(tokenizer, problems: list) -> Callable:
 
 
 def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str],
-              roles: tuple[str, ...] = ("teacher", "student-base")) -> dict:
-    """Build the shared tokenizer and train the teacher and student base (or only the `roles` named); save them
-    under `models_dir`."""
-    tokenizer = build_offline_tokenizer(preset)
+              roles: tuple[str, ...] = ("teacher", "student-base"), domain: Domain | str = "math") -> dict:
+    """Build the shared tokenizer and train the teacher and student base (or only the `roles` named) on the
+    domain's offline world; save them under `models_dir`."""
+    domain = get_domain(domain)
+    domain.require_offline()
+    tokenizer = build_offline_tokenizer(preset, domain)
     pretrain, gen = preset.pretrain, preset.generate
     # The teacher's check: multi-step problems drawn like the held-out split (not from what training left over:
     # the small problems are few, and training would have used up most of them, leaving the check only larger
     # numbers; a teacher 98.5% right on such a check was 88.7% right on the held-out split), then kept out of
     # the teacher's training like the held-out split is.
-    check_problems = math_domain.make_problems(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps,
-                                               held_out_questions)
-    teacher_data = teacher_examples(preset, held_out_questions | {p.question for p in check_problems})
+    check_problems = domain.draw(pretrain.check_problems, preset.seed + 17, gen.min_steps, gen.max_steps,
+                                 held_out_questions)
+    teacher_data = teacher_examples(preset, held_out_questions | {p.question for p in check_problems}, domain)
     log = {}
     for role, examples, steps, shape, check in (
         ("teacher", teacher_data, pretrain.teacher_steps, preset.model.tiny_teacher,
          greedy_accuracy(tokenizer, check_problems) if pretrain.teacher_target_accuracy > 0 else None),
-        ("student-base", student_examples(preset, held_out_questions), pretrain.student_steps, preset.model.tiny_student, None),
+        ("student-base", student_examples(preset, held_out_questions, domain), pretrain.student_steps,
+         preset.model.tiny_student, None),
     ):
         if role not in roles:
             continue

@@ -8,20 +8,43 @@ Rejection sampling keeps what `check` accepts, DPO pairs follow its verdicts, an
 """
 
 from budget_reasoner.errors import BudgetReasonerError
-from budget_reasoner.verify import choice as _choice, code as _code, math as _math
+from budget_reasoner.verify import choice as _choice, code as _code, logic as _logic, math as _math, plain as _plain
 from budget_reasoner.verify.math import Verdict, extract_answer
 
-__all__ = ["Verdict", "ballot", "check", "equivalent", "extract", "extract_answer", "grade", "grade_many"]
+__all__ = ["VERIFIERS", "Verdict", "ballot", "check", "equivalent", "extract", "extract_answer", "grade", "grade_many",
+           "resolve_verifier"]
+
+# the verifiers known by name (`--verifier`, a domain's VERIFIER); also regex:PATTERN
+VERIFIERS = ("math", "choice", "logic", "numeric", "exact", "code")
 
 
-def _module(domain: str):
+def _module(domain):
+    """The grader of `domain`: a verifier's name, a domains.Domain (its verifier), or a domain's .py file."""
+    domain = getattr(domain, "verifier", domain)
+    if not isinstance(domain, str):
+        return domain  # a domain module's own check (domains.UserVerifier)
     if domain == "math":
         return _math
     if domain == "choice":
         return _choice
+    if domain == "logic":
+        return _logic
     if domain == "code":
         return _code  # runs the completion's last python block against the reference's tests (verify/code.py)
-    raise BudgetReasonerError(f"no verifier for domain {domain!r}; available: math, choice, code")
+    if domain == "numeric":
+        return _plain.NUMERIC
+    if domain == "exact":
+        return _plain.EXACT
+    if domain.startswith("regex:"):
+        return _plain.regex(domain.removeprefix("regex:"))
+    if domain.endswith(".py"):
+        from budget_reasoner.domains import get_domain
+
+        return _module(get_domain(domain))
+    raise BudgetReasonerError(f"no verifier {domain!r}; available: {', '.join(VERIFIERS)}, regex:PATTERN")
+
+
+resolve_verifier = _module
 
 
 def extract(domain: str, completion: str) -> str | None:
