@@ -225,7 +225,7 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
         *sft_rounds,
         ("dpo", lambda: dpo(out / "data" / "pairs" / "train.jsonl", out / sft_rounds[-1][0], out / "dpo", preset, hardware,
                             report_to)),
-        ("distill", lambda: distill_with_cache(out, scorer, preset, hardware, report_to)),
+        ("distill", lambda: distill_with_cache(out, scorer, student, preset, hardware, report_to)),
     ]
     if scorer is None:
         stage_runs.pop()
@@ -286,11 +286,12 @@ def benchmark_problems_file(out: Path, spec: str, preset: Preset) -> Path:
     return path
 
 
-def distill_with_cache(out: Path, teacher: str, preset: Preset, hardware: Hardware, report_to: str) -> dict:
-    """Cache the scoring teacher's top-k over the verified chains, then distill the dpo student against it."""
+def distill_with_cache(out: Path, teacher: str, student: str, preset: Preset, hardware: Hardware, report_to: str) -> dict:
+    """Cache the scoring teacher's top-k over the verified chains, then distill the dpo student against it. A
+    server teacher (openai:MODEL) is sent token ids made with the student's tokenizer, which it must share."""
     cache = out / "distill" / "cache"
     cache_teacher_topk(teacher, out / "data" / "sft" / "train.jsonl", cache, preset, hardware,
-                       stream_layers=preset.distill.stream_layers)
+                       stream_layers=preset.distill.stream_layers, tokenizer_source=student)
     return distill(cache, out / "dpo", out / "distill", preset, hardware, report_to)
 
 
