@@ -25,6 +25,13 @@ app.add_typer(presets_app, name="presets")
 PRESET_HELP = "Preset name (see `budget-reasoner presets list`) or a .yaml file; 'auto' picks one for this machine."
 SET_HELP = "Override a preset value, e.g. --set sft.max_steps=50 (repeatable)."
 REPORT_HELP = "Where to log training: 'none' or 'wandb' (honours WANDB_MODE=offline)."
+DOMAIN_HELP = ("The narrow domain: math, logic, or the path of a .py file that defines one (its interface: "
+               "budget_reasoner/domains/__init__.py).")
+PROBLEMS_FILE_HELP = ("Your own problems instead of the domain's: a .jsonl, .csv or .parquet file with question and "
+                      "answer columns (see --columns); a seeded held-out split is set aside and never trained on.")
+COLUMNS_HELP = "Your file's column names, e.g. question=prompt,answer=solution (default: question, answer)."
+VERIFIER_HELP = ("Grade with this verifier instead of the domain's: math, numeric, exact, choice, logic, code, or "
+                 "regex:PATTERN (the answer is the pattern's last match, its first group if it has one).")
 OVERWRITE_HELP = ("Delete what --out holds and start over. Without it, a rerun resumes only a folder made from the same "
                   "inputs and settings (its fingerprint.json), and refuses any other in one line.")
 
@@ -112,6 +119,18 @@ def _preset(name: str, overrides: list[str] | None, options: dict | None = None,
     return preset
 
 
+def _domain(spec: str, problems: Path | None = None, columns: str | None = None, verifier: str | None = None,
+            grading_only: bool = False):
+    """The domain (budget_reasoner.domains) a command runs on, with --problems/--columns and --verifier applied."""
+    from budget_reasoner.domains import ProblemFile, get_domain
+    from budget_reasoner.problems import parse_columns
+
+    if columns and problems is None:
+        raise BudgetReasonerError("--columns names the columns of a --problems file; pass --problems FILE too")
+    source = ProblemFile(problems, parse_columns(columns)) if problems is not None else None
+    return get_domain(spec, source, verifier, grading_only=grading_only)
+
+
 def _report_to(value: str) -> str:
     import importlib.util
 
@@ -139,7 +158,10 @@ def _token_price(value: str | None) -> tuple[float, float] | None:
 @app.command()
 @friendly_errors
 def quickstart(
-    domain: str = typer.Option("math", help="The narrow domain to train a reasoner for."),
+    domain: str = typer.Option("math", help=DOMAIN_HELP),
+    problems: Optional[Path] = typer.Option(None, help=PROBLEMS_FILE_HELP),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    verifier: Optional[str] = typer.Option(None, help=VERIFIER_HELP),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     out: Path = typer.Option(Path("runs/quickstart"), help="Run folder; rerun with the same folder to resume."),
     report_to: str = typer.Option("none", help=REPORT_HELP),
@@ -155,6 +177,7 @@ def quickstart(
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     settings = _preset(preset, set_)  # first: it settles the backend before the stages are imported
+    domain = _domain(domain, problems, columns, verifier)
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown
 
@@ -169,14 +192,16 @@ def quickstart(
 def bootstrap_command(
     preset: str = typer.Option("auto", help=PRESET_HELP),
     out: Path = typer.Option(Path("runs/quickstart"), help="Run folder; the models go to OUT/models."),
+    domain: str = typer.Option("math", help=DOMAIN_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Offline only: train the tiny teacher and student base from scratch (no hub needed)."""
     settings = _preset(preset, set_)
     from budget_reasoner.recipe import claim_run_folder, run_bootstrap
 
-    claim_run_folder(out, settings, "math")
-    run_bootstrap(out, settings)
+    domain = _domain(domain)
+    claim_run_folder(out, settings, domain)
+    run_bootstrap(out, settings, domain)
     typer.echo(f"models: {out / 'models'}")
 
 
@@ -189,7 +214,10 @@ def generate(
     sampler: Optional[Path] = typer.Option(None, help="Self-play: a trained student stage folder (e.g. runs/quick/sft) "
                                                       "samples the chains instead of a teacher, verified the same way."),
     out: Path = typer.Option(Path("runs/data"), help="Output folder: problems/, chains/, sft/, pairs/."),
-    domain: str = typer.Option("math", help="The narrow domain."),
+    domain: str = typer.Option("math", help=DOMAIN_HELP),
+    problems: Optional[Path] = typer.Option(None, help=PROBLEMS_FILE_HELP),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    verifier: Optional[str] = typer.Option(None, help=VERIFIER_HELP),
     seed_set: Optional[list[str]] = typer.Option(None, help="Training problems beside the procedural ones: gsm8k (its hub "
                                                            "train split) or gsm8k=PATH_OR_ID (repeatable)."),
     decontaminate: Optional[list[str]] = typer.Option(None, help="A benchmark no training problem may overlap (13-gram): "
@@ -207,6 +235,7 @@ def generate(
         raise BudgetReasonerError("generate needs one of --teacher MODEL or --sampler STAGE_DIR")
     price = _token_price(token_price)
     settings = _preset(preset, set_)
+    domain = _domain(domain, problems, columns, verifier)
     from budget_reasoner.generate import generate as run_generate
     from budget_reasoner.hardware import hardware_for
     from budget_reasoner.recipe import make_sampler, make_teacher
@@ -267,7 +296,8 @@ def grpo_command(
     problems: Path = typer.Option(..., help="Training problems (JSONL: id, domain, question, answer, source), "
                                             "e.g. runs/quick/data/problems/train.jsonl."),
     out: Path = typer.Option(Path("runs/grpo"), help="Output folder for the GRPO adapter."),
-    domain: str = typer.Option("math", help="Whose verifier pays the rewards."),
+    domain: str = typer.Option("math", help="Whose verifier pays the rewards: " + DOMAIN_HELP[5:]),
+    verifier: Optional[str] = typer.Option(None, help=VERIFIER_HELP),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     report_to: str = typer.Option("none", help=REPORT_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -277,7 +307,7 @@ def grpo_command(
     settings = _preset(preset, set_)
     from budget_reasoner.train.grpo import grpo
 
-    record = grpo(problems, start, out, settings, domain, report_to=_report_to(report_to), overwrite=overwrite)
+    record = grpo(problems, start, out, settings, _domain(domain, verifier=verifier, grading_only=True), report_to=_report_to(report_to), overwrite=overwrite)
     rewards = [entry["reward"] for entry in record["history"] if "reward" in entry]
     trend = f"; mean reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else ""
     typer.echo(f"grpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s{trend})")
@@ -343,12 +373,16 @@ def cache_command(
 @friendly_errors
 def eval_command(
     model: str = typer.Option(..., help="A model path or hub id, or a stage folder (sft/dpo/distill)."),
-    problems: Optional[Path] = typer.Option(None, help="Problems JSONL (id, domain, question, answer, source), or with "
-                                                       "--benchmark that benchmark's local file (JSONL; CSV for choice)."),
+    problems: Optional[Path] = typer.Option(None, help="Problems JSONL (id, domain, question, answer, source), or your "
+                                                       "own .jsonl/.csv/.parquet with question and answer columns (see "
+                                                       "--columns), or with --benchmark that benchmark's local file "
+                                                       "(JSONL; CSV for choice)."),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    verifier: Optional[str] = typer.Option(None, help=VERIFIER_HELP),
     benchmark: Optional[str] = typer.Option(None, help="gsm8k, math500, aime24, amc23 (a local file via --problems, "
                                                        "else the hub), or choice (a GPQA-style CSV via --problems)."),
     out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl, summary.json, summary.md, curve PNG."),
-    domain: str = typer.Option("math", help="The narrow domain (picks the verifier)."),
+    domain: str = typer.Option("math", help="The narrow domain (picks the verifier): " + DOMAIN_HELP[5:]),
     samples: Optional[int] = typer.Option(None, min=1, help="Samples per problem for pass@k, majority vote and best-of-k."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Budget forcing: cap the thinking at this many tokens (0: off)."),
     min_think: Optional[int] = typer.Option(None, min=0, help="Budget forcing: append 'Wait' when thinking stops earlier."),
@@ -361,21 +395,52 @@ def eval_command(
     settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
                                       "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
     from budget_reasoner.eval.run import evaluate
-    from budget_reasoner.io import write_jsonl
     from budget_reasoner.problems import load_benchmark, load_multiple_choice
 
     if benchmark:
         rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
         domain = "choice" if benchmark == "choice" else "math"
-        problems = out / "problems.jsonl"
-        if problems.is_file() and not overwrite and _jsonl_text(rows) != problems.read_text():
-            raise BudgetReasonerError(f"{out} was evaluated on other problems ({problems}); pass a new --out, or "
-                                      f"--overwrite to delete it and start over")
-        write_jsonl(problems, rows)
+        problems = _problems_copy(out, rows, overwrite)
     elif problems is None:
         raise BudgetReasonerError("eval needs --problems FILE or --benchmark NAME")
+    else:
+        domain = _domain(domain, verifier=verifier, grading_only=True)
+        if columns or not _is_problems_jsonl(problems):  # the user's own file: read as generate reads it
+            from budget_reasoner.problems import load_problem_file, parse_columns
+
+            problems = _problems_copy(out, load_problem_file(problems, parse_columns(columns), domain.name), overwrite)
     evaluate(model, problems, out, settings, domain, overwrite=overwrite)
     typer.echo((out / "summary.md").read_text())
+
+
+def _is_problems_jsonl(path: Path) -> bool:
+    """Whether `path` is a problems file of the data contract (JSONL whose first row has all PROBLEM_COLUMNS)."""
+    import json
+
+    from budget_reasoner.problems import PROBLEM_COLUMNS
+
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return path.suffix.lower() == ".jsonl"  # a missing .jsonl: evaluate says so in its own words
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return True  # evaluate names the bad line
+    return isinstance(row, dict) and all(column in row for column in PROBLEM_COLUMNS)
+
+
+def _problems_copy(out: Path, rows: list[dict], overwrite: bool) -> Path:
+    """The problems an eval reads from anything but a problems file, kept in OUT/problems.jsonl (another set there
+    is refused)."""
+    from budget_reasoner.io import write_jsonl
+
+    problems = out / "problems.jsonl"
+    if problems.is_file() and not overwrite and _jsonl_text(rows) != problems.read_text():
+        raise BudgetReasonerError(f"{out} was evaluated on other problems ({problems}); pass a new --out, or "
+                                  f"--overwrite to delete it and start over")
+    write_jsonl(problems, rows)
+    return problems
 
 
 def _jsonl_text(rows: list[dict]) -> str:
