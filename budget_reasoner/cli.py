@@ -379,8 +379,9 @@ def eval_command(
                                                        "(JSONL; CSV for choice)."),
     columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
     verifier: Optional[str] = typer.Option(None, help=VERIFIER_HELP),
-    benchmark: Optional[str] = typer.Option(None, help="gsm8k, math500, aime24, amc23 (a local file via --problems, "
-                                                       "else the hub), or choice (a GPQA-style CSV via --problems)."),
+    benchmark: Optional[str] = typer.Option(None, help="gsm8k, math500, aime24, amc23, mbpp, humaneval (a local file "
+                                                       "via --problems, else the copy in data/, else the hub), or choice "
+                                                       "(a GPQA-style CSV via --problems)."),
     out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl, summary.json, summary.md, curve PNG."),
     domain: str = typer.Option("math", help="The narrow domain (picks the verifier): " + DOMAIN_HELP[5:]),
     samples: Optional[int] = typer.Option(None, min=1, help="Samples per problem for pass@k, majority vote and best-of-k."),
@@ -395,11 +396,11 @@ def eval_command(
     settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
                                       "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
     from budget_reasoner.eval.run import evaluate
-    from budget_reasoner.problems import load_benchmark, load_multiple_choice
+    from budget_reasoner.problems import BENCHMARKS, load_benchmark, load_multiple_choice
 
     if benchmark:
         rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
-        domain = "choice" if benchmark == "choice" else "math"
+        domain = "choice" if benchmark == "choice" else BENCHMARKS[benchmark].domain  # mbpp, humaneval: code
         problems = _problems_copy(out, rows, overwrite)
     elif problems is None:
         raise BudgetReasonerError("eval needs --problems FILE or --benchmark NAME")

@@ -189,3 +189,25 @@ def test_eval_grades_canned_code_completions_with_pass_at_k(tmp_path, monkeypatc
     results = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert [r["samples_correct"].count(True) for r in results] == counts
     assert summary["reference_errors"] == 0
+
+
+def test_eval_benchmark_mbpp_grades_with_the_code_verifier(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from budget_reasoner.cli import app
+    from budget_reasoner.eval import run
+
+    seen = {}
+
+    def evaluate(model, problems, out, settings, domain, overwrite=False):
+        seen["domain"] = getattr(domain, "verifier", domain)
+        seen["rows"] = [json.loads(line) for line in Path(problems).read_text().splitlines()]
+        (Path(out) / "summary.md").write_text("graded\n")
+
+    monkeypatch.setattr(run, "evaluate", evaluate)
+    for name, count in (("mbpp", 30), ("humaneval", 40)):
+        result = CliRunner().invoke(app, ["eval", "--model", "unused", "--benchmark", name, "--preset", "cpu-tiny",
+                                          "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert seen["domain"] == "code" and len(seen["rows"]) == count
+        assert all(row["domain"] == "code" for row in seen["rows"])
