@@ -216,3 +216,8 @@ def test_run_many_keeps_the_order():
 def test_source_that_is_not_text_is_refused_in_one_line():
     with pytest.raises(BudgetReasonerError, match="Python source text"):
         run_python(b"print(1)")
+
+
+def test_a_crash_is_a_verdict():
+    result = run_python("import ctypes\nctypes.string_at(0)\n")
+    assert (result.passed, result.verdict) == (False, "killed by SIGSEGV")

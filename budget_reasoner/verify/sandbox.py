@@ -215,7 +215,10 @@ def _result(returncode: int, output: bytes, status: bytes, ending: str | None, s
         return result("passed", True)
     if returncode is not None and returncode < 0:
         number = -returncode
-        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
         return result(_SIGNALS.get(number, f"killed by {name}"))
     error = messages.get("error")
     if isinstance(error, str):
