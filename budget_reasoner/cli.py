@@ -25,8 +25,8 @@ app.add_typer(presets_app, name="presets")
 PRESET_HELP = "Preset name (see `budget-reasoner presets list`) or a .yaml file; 'auto' picks one for this machine."
 SET_HELP = "Override a preset value, e.g. --set sft.max_steps=50 (repeatable)."
 REPORT_HELP = "Where to log training: 'none' or 'wandb' (honours WANDB_MODE=offline)."
-DOMAIN_HELP = ("The narrow domain: math, logic, or the path of a .py file that defines one (its interface: "
-               "budget_reasoner/domains/__init__.py).")
+DOMAIN_HELP = ("The narrow domain: math, logic, choice (GPQA-style multiple choice, from --problems FILE.csv), or "
+               "the path of a .py file that defines one (its interface: budget_reasoner/domains/__init__.py).")
 PROBLEMS_FILE_HELP = ("Your own problems instead of the domain's: a .jsonl, .csv or .parquet file with question and "
                       "answer columns (see --columns); a seeded held-out split is set aside and never trained on.")
 COLUMNS_HELP = "Your file's column names, e.g. question=prompt,answer=solution (default: question, answer)."
@@ -199,7 +199,8 @@ def bootstrap_command(
     settings = _preset(preset, set_)
     from budget_reasoner.recipe import claim_run_folder, run_bootstrap
 
-    domain = _domain(domain)
+    domain = _domain(domain, grading_only=True)  # asked for its offline world's pieces, not for any problems file
+    domain.require_offline()  # before the run folder is claimed
     claim_run_folder(out, settings, domain)
     run_bootstrap(out, settings, domain)
     typer.echo(f"models: {out / 'models'}")
@@ -296,7 +297,7 @@ def grpo_command(
     problems: Path = typer.Option(..., help="Training problems (JSONL: id, domain, question, answer, source), "
                                             "e.g. runs/quick/data/problems/train.jsonl."),
     out: Path = typer.Option(Path("runs/grpo"), help="Output folder for the GRPO adapter."),
-    domain: str = typer.Option("math", help="Whose verifier pays the rewards: " + DOMAIN_HELP[5:]),
+    domain: str = typer.Option("math", help="Whose verifier pays the rewards: " + DOMAIN_HELP.split(": ", 1)[1]),
     verifier: Optional[str] = typer.Option(None, help=VERIFIER_HELP),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     report_to: str = typer.Option("none", help=REPORT_HELP),
@@ -383,7 +384,7 @@ def eval_command(
                                                        "via --problems, else the copy in data/, else the hub), or choice "
                                                        "(a GPQA-style CSV via --problems)."),
     out: Path = typer.Option(Path("runs/eval"), help="Output folder: results.jsonl, summary.json, summary.md, curve PNG."),
-    domain: str = typer.Option("math", help="The narrow domain (picks the verifier): " + DOMAIN_HELP[5:]),
+    domain: str = typer.Option("math", help="The narrow domain (picks the verifier): " + DOMAIN_HELP.split(": ", 1)[1]),
     samples: Optional[int] = typer.Option(None, min=1, help="Samples per problem for pass@k, majority vote and best-of-k."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Budget forcing: cap the thinking at this many tokens (0: off)."),
     min_think: Optional[int] = typer.Option(None, min=0, help="Budget forcing: append 'Wait' when thinking stops earlier."),
@@ -396,20 +397,20 @@ def eval_command(
     settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
                                       "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
     from budget_reasoner.eval.run import evaluate
-    from budget_reasoner.problems import BENCHMARKS, load_benchmark, load_multiple_choice
+    from budget_reasoner.problems import benchmark_domain, load_benchmark
 
     if benchmark:
-        rows = load_multiple_choice(problems, settings.seed) if benchmark == "choice" else load_benchmark(benchmark, problems)
-        domain = "choice" if benchmark == "choice" else BENCHMARKS[benchmark].domain  # mbpp, humaneval: code
+        rows = load_benchmark(benchmark, problems)  # choice: a GPQA-style CSV, options shuffled per problem
+        domain = benchmark_domain(benchmark)  # mbpp, humaneval: code; choice: the letter
         problems = _problems_copy(out, rows, overwrite)
     elif problems is None:
         raise BudgetReasonerError("eval needs --problems FILE or --benchmark NAME")
     else:
         domain = _domain(domain, verifier=verifier, grading_only=True)
         if columns or not _is_problems_jsonl(problems):  # the user's own file: read as generate reads it
-            from budget_reasoner.problems import load_problem_file, parse_columns
+            from budget_reasoner.problems import parse_columns
 
-            problems = _problems_copy(out, load_problem_file(problems, parse_columns(columns), domain.name), overwrite)
+            problems = _problems_copy(out, domain.read_problem_file(problems, parse_columns(columns)), overwrite)
     evaluate(model, problems, out, settings, domain, overwrite=overwrite)
     typer.echo((out / "summary.md").read_text())
 

@@ -92,8 +92,10 @@ def load_benchmark(name: str, path_or_id: str | Path | None = None, train: bool 
     project ships under data/, else the hub's).
 
     `train=True` reads the set's training split (seed problems for generate); a local file is read as it is."""
+    if name == "choice":
+        return _choice_benchmark(path_or_id, train)
     if name not in BENCHMARKS:
-        raise BudgetReasonerError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+        raise BudgetReasonerError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARK_NAMES)}")
     spec = BENCHMARKS[name]
     bundled = spec.bundled.get("train" if train else "test")
     if not path_or_id and bundled and (BUNDLED_DATA / bundled).is_file():
@@ -137,40 +139,90 @@ def load_humaneval(path_or_id: str | Path | None = None) -> list[dict]:
 
 
 LETTERS = "ABCD"
+GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+# What every choice question ends with. Under 13 tokens (decontaminate.NGRAM): a longer sentence shared by all
+# of them would make every training question overlap every held-out one and be dropped.
+CHOICE_ASK = "Answer with one letter in \\boxed{}."
 
 
 def load_multiple_choice(path: str | Path, seed: int = 0) -> list[dict]:
-    """GPQA-style CSV (`Question`, `Correct Answer`, `Incorrect Answer 1..3`) as lettered problems.
+    """A CSV in GPQA's column layout (`Question`, `Correct Answer`, `Incorrect Answer 1..3`; GPQA's other columns
+    may be there and are not read, except `Record ID`, kept as the id) as lettered problems of the choice domain.
 
-    The options are shuffled with `seed` (the same seed gives the same order), and the answer is the
-    correct option's letter. GPQA itself is gated: download its CSV yourself and pass the path.
+    Each problem's options are shuffled by a generator seeded with `seed` and the problem's own text, so the
+    order is the same wherever the problem appears (another file, another position, eval or generate) and the
+    correct letter is uniform over A-D across problems. The question lists the options as `A) ...` lines and asks
+    for the letter in \\boxed{}; the answer is the correct option's letter. A missing column, or a row with an
+    empty question or option, or a correct option that is also listed as incorrect, is one line naming the file
+    and the row. GPQA itself is gated: download its CSV (e.g. gpqa_diamond.csv) yourself and pass the path.
     """
     path = Path(path)
     if not path.is_file():
         raise BudgetReasonerError(f"{path}: file not found")
-    fields = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
     rows = []
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [name for name in fields if name not in (reader.fieldnames or [])]
-        if missing:
-            raise BudgetReasonerError(f"{path}: missing column(s) {', '.join(missing)}")
-        for index, record in enumerate(reader):
-            options = [record[name].strip() for name in fields[1:]]
-            order = list(range(4))
-            random.Random(f"{seed}:{index}").shuffle(order)
-            shuffled = [options[i] for i in order]
-            question = record["Question"].strip() + "\n" + "\n".join(f"{LETTERS[i]}) {text}" for i, text in enumerate(shuffled))
-            rows.append({"id": f"choice-{index}", "domain": "choice", "question": question,
-                         "answer": LETTERS[order.index(0)], "source": f"choice:{path}"})
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [name for name in GPQA_COLUMNS if name not in (reader.fieldnames or [])]
+            if missing:
+                raise BudgetReasonerError(f"{path}: missing column(s) {', '.join(missing)} of GPQA's layout (Question, "
+                                          f"Correct Answer, Incorrect Answer 1-3); it has "
+                                          f"{', '.join(reader.fieldnames or []) or 'none'}")
+            for number, record in enumerate(reader, 1):  # rows counted after the header, as a spreadsheet shows them
+                rows.append(_choice_row(record, seed, f"{path}: row {number}", path))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise BudgetReasonerError(f"{path}: not a readable UTF-8 CSV ({type(error).__name__}: {error})") from None
+    if not rows:
+        raise BudgetReasonerError(f"{path}: no problems in it")
     return rows
+
+
+def _choice_row(record: dict, seed: int, where: str, path: Path) -> dict:
+    texts = {}
+    for name in GPQA_COLUMNS:
+        value = record.get(name)
+        if not isinstance(value, str) or not value.strip():  # None: the row has fewer cells than the header
+            raise BudgetReasonerError(f"{where}: {name} is empty")
+        texts[name] = value.strip()
+    stem, correct, *wrong = texts.values()
+    if correct in wrong:  # two letters would be right
+        raise BudgetReasonerError(f"{where}: the correct answer is also listed as {GPQA_COLUMNS[2 + wrong.index(correct)]}")
+    # sha256 of the problem's text, not Python's hash(): the same order on every machine and run
+    key = hashlib.sha256("\x00".join([str(seed), *texts.values()]).encode()).digest()
+    order = [0, 1, 2, 3]  # 0 is the correct option
+    random.Random(int.from_bytes(key[:8], "big")).shuffle(order)
+    options = [correct, *wrong]
+    listed = "\n".join(f"{LETTERS[slot]}) {options[option]}" for slot, option in enumerate(order))
+    record_id = (record.get("Record ID") or "").strip()
+    return {"id": f"choice-{record_id}" if record_id else "choice-" + hashlib.sha1(stem.encode()).hexdigest()[:12],
+            "domain": "choice", "question": f"{stem}\n\n{listed}\n\n{CHOICE_ASK}", "answer": LETTERS[order.index(0)],
+            "source": f"choice:{path.name}"}
+
+
+def _choice_benchmark(path: str | Path | None, train: bool) -> list[dict]:
+    """`choice=PATH.csv` as a benchmark (eval.benchmarks, generate.decontaminate): the user's GPQA-style CSV."""
+    if train:
+        raise BudgetReasonerError("choice has no training split to seed problems from; train on a choice file with "
+                                  "--domain choice --problems FILE.csv")
+    if not path:
+        raise BudgetReasonerError("choice needs its file, a CSV in GPQA's layout (eval --benchmark choice --problems "
+                                  "FILE.csv, or choice=FILE.csv in a preset's list); GPQA is gated, so none ships")
+    return load_multiple_choice(path)
+
+
+BENCHMARK_NAMES = (*BENCHMARKS, "choice")  # what eval.benchmarks, generate.decontaminate and eval --benchmark take
+
+
+def benchmark_domain(name: str) -> str:
+    """The verifier that grades a benchmark's answers, whatever domain the run trains on."""
+    return "choice" if name == "choice" else BENCHMARKS[name].domain
 
 
 def parse_problem_source(spec: str) -> tuple[str, str | None]:
     """`NAME` or `NAME=PATH_OR_HUB_ID` (a preset's generate.seed_sets / generate.decontaminate entry)."""
     name, _, where = spec.partition("=")
-    if name.strip() not in BENCHMARKS:
-        raise BudgetReasonerError(f"problem set {spec!r}: unknown name {name.strip()!r}; use one of {', '.join(BENCHMARKS)}, "
+    if name.strip() not in BENCHMARK_NAMES:
+        raise BudgetReasonerError(f"problem set {spec!r}: unknown name {name.strip()!r}; use one of {', '.join(BENCHMARK_NAMES)}, "
                                   f"optionally as NAME=PATH_OR_HUB_ID")
     return name.strip(), where.strip() or None
 

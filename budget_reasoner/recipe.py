@@ -34,7 +34,7 @@ from budget_reasoner.hardware import Hardware, hardware_for
 from budget_reasoner.io import (COMPLETE, LOCK, claim_stage, digest, mark_complete, read_json, settings_of, write_json,
                                 write_jsonl, writes_folder)
 from budget_reasoner.model_card import write_run_card
-from budget_reasoner.problems import PROBLEM_COLUMNS, load_benchmark, parse_problem_source
+from budget_reasoner.problems import PROBLEM_COLUMNS, benchmark_domain, load_benchmark, parse_problem_source
 from budget_reasoner.progress import quiet_libraries, say
 from budget_reasoner.report import log_to_wandb, round_of, self_play_rounds, write_report
 from budget_reasoner.sampling.server import redact
@@ -173,6 +173,8 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
     is cached or `max_hours` asks for one. A plan over `max_hours` stops here, before anything loads or is written."""
     out = Path(out)
     domain = get_domain(domain)  # a name, a .py file, or a Domain built with --problems/--verifier (domains/)
+    if needs_bootstrap(preset):
+        domain.require_offline()  # a domain without an offline world (choice) is refused before anything runs
     preset = with_instruction(preset, domain)
     if rl not in RL_STAGES:
         raise BudgetReasonerError(f"--rl must be one of {', '.join(RL_STAGES)}, got {rl!r}")
@@ -207,7 +209,9 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
     def held_out_eval(name: str, model: str | Path) -> dict:
         load = functools.cache(lambda: load_for_inference(model, preset, hardware))  # one load for all its evals
         for spec, problems in benchmarks.items():  # the same model on each benchmark named by the preset
-            summary = evaluate(model, problems, out / "eval" / f"{problems.stem}-{name}", preset, domain, hardware,
+            # graded by the benchmark's own verifier (gsm8k: math, mbpp: code, choice: the letter), not the run's
+            grader = benchmark_domain(parse_problem_source(spec)[0])
+            summary = evaluate(model, problems, out / "eval" / f"{problems.stem}-{name}", preset, grader, hardware,
                                name=f"{name} {problems.stem}", load=load)
             results["benchmarks"][spec][name] = {key: summary[key] for key in summary
                                                  if key in ("accuracy", "problems") or key.startswith("maj@")}

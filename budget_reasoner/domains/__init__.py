@@ -1,4 +1,4 @@
-"""Narrow domains: one module each, behind one interface. `--domain NAME` takes a built-in (math, logic);
+"""Narrow domains: one module each, behind one interface. `--domain NAME` takes a built-in (math, logic, choice);
 `--domain PATH.py` loads a user's module from that file. A domain module defines:
 
   How a completion is graded (required, one of the two):
@@ -15,6 +15,11 @@
                                none whose question is in `exclude`; the same seed gives the same list
     PROBLEMS = "file.jsonl"    or a file of problems (.jsonl, .csv or .parquet with `question` and `answer`
                                columns), relative to the module
+    def read_problems(path, columns) -> list[dict]
+                               optional: how the domain reads a problems file (PROBLEMS, `--problems`) when its
+                               layout is its own (choice: GPQA's CSV columns), as problem rows; its docstring's
+                               first line names the file it wants when none is given. Default: question/answer
+                               columns (problems.load_problem_file)
 
   Optional:
     NAME = "capitals"          written in every problem row and run record (default: the file's stem)
@@ -27,7 +32,8 @@
                                the step checker: a rejected chain cut just after its first wrong step, so DPO
                                lowers only the error (math checks each `a op b = c` line)
 
-  The offline world (preset cpu-tiny: teacher and student base trained from scratch) needs two more pieces:
+  The offline world (preset cpu-tiny: teacher and student base trained from scratch) needs two more pieces,
+  or NO_OFFLINE_WORLD = "why not" (one line: what the domain needs instead) to refuse it before anything runs:
   make_problems' problems carry `steps`, the lines of their worked chain (chain.format_chain writes it), and
     def single_steps(problems) -> list    each step as a one-step problem (with its one-line `steps`)
   From these train/pretrain.py builds the offline tokenizer (problems of 1..max_steps steps with chains), the
@@ -52,7 +58,8 @@ from typing import Callable
 
 from budget_reasoner.errors import BudgetReasonerError
 
-BUILT_IN = {"math": "budget_reasoner.domains.math", "logic": "budget_reasoner.domains.logic"}
+BUILT_IN = {"math": "budget_reasoner.domains.math", "logic": "budget_reasoner.domains.logic",
+            "choice": "budget_reasoner.domains.choice"}
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out split's own seed: never the training split's
 
 
@@ -115,6 +122,8 @@ class Domain:
     instruction: str = ""
     rejected_prefix: Callable | None = None
     single_steps: Callable | None = None
+    read_problems: Callable | None = None  # the domain's reader of a problems file (default: question/answer columns)
+    no_offline_world: str = ""  # why the domain has no offline world (refused in one line), or nothing
 
     def settings(self) -> dict:
         """What a stage's fingerprint records of the domain (built-ins by name: their code is the package's)."""
@@ -140,9 +149,7 @@ class Domain:
         """A seeded shuffle of the file: the first `num_eval` problems held out, up to `num_train` of the rest trained on."""
         import random
 
-        from budget_reasoner.problems import load_problem_file
-
-        rows = load_problem_file(self.problems.path, self.problems.columns, self.name)
+        rows = self.read_problem_file(self.problems.path, self.problems.columns)
         if len(rows) <= num_eval:
             raise BudgetReasonerError(f"{self.problems.path}: {len(rows)} problems leave none to train on beside a "
                                       f"held-out split of generate.num_eval_problems={num_eval}; lower it with "
@@ -150,6 +157,14 @@ class Domain:
         random.Random(seed).shuffle(rows)
         held_out = [{**row, "source": f"{row['source']}:held-out"} for row in rows[:num_eval]]
         return rows[num_eval : num_eval + num_train], held_out
+
+    def read_problem_file(self, path, columns: dict[str, str] | None = None) -> list[dict]:
+        """A problems file as problem rows, read the domain's way (its read_problems) or by question/answer columns."""
+        if self.read_problems is not None:
+            return self.read_problems(Path(path), dict(columns or {}))
+        from budget_reasoner.problems import load_problem_file
+
+        return load_problem_file(path, columns, self.name)
 
     def draw(self, count: int, seed: int, min_steps: int, max_steps: int, exclude=frozenset()) -> list[Problem]:
         """`count` problems from the domain's generator, as Problems."""
@@ -163,6 +178,8 @@ class Domain:
 
     def require_offline(self) -> None:
         """The offline world's pieces are there, or one line says what is missing."""
+        if self.no_offline_world:
+            raise BudgetReasonerError(f"domain {self.name} has no offline world (preset cpu-tiny): {self.no_offline_world}")
         missing = [piece for piece, ok in (("make_problems(...) whose problems carry `steps`", self.make_problems),
                                            ("single_steps(problems)", self.single_steps)) if ok is None]
         if not missing and not self.draw(1, 0, 1, 1)[0].steps:
@@ -227,7 +244,7 @@ _LOADED: dict[tuple, Domain] = {}  # (resolved path, mtime, needs_source) -> its
 
 def _load(spec: str, needs_source: bool = True) -> Domain:
     if spec in BUILT_IN:
-        return from_module(importlib.import_module(BUILT_IN[spec]), "built-in", spec)
+        return from_module(importlib.import_module(BUILT_IN[spec]), "built-in", spec, needs_source)
     path = Path(spec)
     if path.suffix != ".py":
         raise BudgetReasonerError(f"unknown domain {spec!r}; use one of {', '.join(BUILT_IN)}, or the path of a .py "
@@ -306,10 +323,19 @@ def from_module(module, origin: str, default_name: str, needs_source: bool = Tru
             problem_file = ProblemFile(Path(module.__file__).parent / file)
             if not problem_file.path.is_file():
                 problems.append(f"{origin}: PROBLEMS file {problem_file.path} not found")
+    read_problems = callable_or_none("read_problems")
     if needs_source and make_problems is None and make_splits is None and file is None:
-        problems.append(f"{origin}: no problem source: define make_problems(count, seed, min_steps, max_steps, "
+        wanted = ((read_problems.__doc__ or "").strip().splitlines() or [""])[0] if read_problems else ""
+        where = "" if origin == "built-in" else f"{origin}: "
+        problems.append(f"{where}domain {name} has no problems of its own; pass --problems FILE ({wanted})"
+                        if wanted else
+                        f"{origin}: no problem source: define make_problems(count, seed, min_steps, max_steps, "
                         f"exclude) or set PROBLEMS = 'problems.jsonl' (or pass --problems FILE)")
     rejected_prefix, single_steps = callable_or_none("rejected_prefix"), callable_or_none("single_steps")
+    no_offline_world = get("NO_OFFLINE_WORLD") or ""
+    if not isinstance(no_offline_world, str):
+        problems.append(f"{origin}: NO_OFFLINE_WORLD must be text (why the domain has none), got "
+                        f"{type(no_offline_world).__name__}")
     if problems:
         raise BudgetReasonerError("\n".join(problems))
     digest = "built-in"
@@ -320,7 +346,8 @@ def from_module(module, origin: str, default_name: str, needs_source: bool = Tru
         digest = hashlib.sha256(":".join(file_sha256(path) for path in files).encode()).hexdigest()[:16]
     return Domain(name=name, verifier=verifier, origin=origin, digest=digest, make_problems=make_problems,
                   make_splits=make_splits, problems=problem_file, instruction=instruction,
-                  rejected_prefix=rejected_prefix, single_steps=single_steps)
+                  rejected_prefix=rejected_prefix, single_steps=single_steps, read_problems=read_problems,
+                  no_offline_world=no_offline_world if isinstance(no_offline_world, str) else "")
 
 
 def with_instruction(preset, domain: Domain):
