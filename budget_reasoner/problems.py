@@ -255,7 +255,10 @@ def load_problem_file(path: str | Path, columns: dict[str, str] | None = None, d
         raise BudgetReasonerError(f"{path}: file not found")
     if path.suffix.lower() not in PROBLEM_FILE_KINDS:
         raise BudgetReasonerError(f"{path}: a problems file must be {', '.join(PROBLEM_FILE_KINDS)}, got {path.suffix or 'no suffix'}")
-    where, records, names = _read_table(path)
+    try:
+        where, records, names = _read_table(path)
+    except (UnicodeDecodeError, csv.Error) as error:  # not UTF-8 text, or a CSV its reader cannot split
+        raise BudgetReasonerError(f"{path}: not readable as {path.suffix.lower()[1:].upper()} ({error})") from None
     missing = [f"{theirs!r} (for {ours})" for ours, theirs in columns.items() if ours != "id" and theirs not in names]
     if missing:
         mapping = "" if given else "; map yours with --columns question=NAME,answer=NAME"

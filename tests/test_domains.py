@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from budget_reasoner import verify
-from budget_reasoner.domains import ProblemFile, get_domain
+from budget_reasoner.domains import ProblemFile, get_domain, recorded
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.metrics import majority
 from budget_reasoner.generate import generate
@@ -62,6 +62,7 @@ def test_the_readme_domain_runs_through_generate_and_eval_grading(tmp_path, tiny
     # eval grades through verify with the same domain: extract, and equivalent for majority vote (0 = 12)
     assert verify.extract(domain, "so \\boxed{3} then \\boxed{12}") == "12"
     assert verify.check(str(path), "\\boxed{0}", "12") and not verify.check(domain, "\\boxed{1}", "12")
+    assert verify.check(recorded(domain), "\\boxed{0}", "12")  # what run.json keeps: chat and export grade with it
     vote = majority(domain, ["\\boxed{12}", "\\boxed{0}", "\\boxed{5}"], "12")
     assert vote.correct
     # its offline world: the pieces pretrain draws on are there, with worked steps

@@ -19,8 +19,9 @@ VERIFIERS = ("math", "choice", "logic", "numeric", "exact", "code")
 
 
 def _module(domain):
-    """The grader of `domain`: a verifier's name, a domains.Domain (its verifier), or a domain's .py file."""
-    domain = getattr(domain, "verifier", domain)
+    """The grader of `domain`: a verifier's name, a domains.Domain (its verifier), a domain's .py file, or a run's
+    record of its domain (domains.recorded: a dict naming the verifier or the module's file)."""
+    domain = domain.get("verifier", "") if isinstance(domain, dict) else getattr(domain, "verifier", domain)
     if not isinstance(domain, str):
         return domain  # a domain module's own check (domains.UserVerifier)
     if domain == "math":
@@ -40,7 +41,7 @@ def _module(domain):
     if domain.endswith(".py"):
         from budget_reasoner.domains import get_domain
 
-        return _module(get_domain(domain))
+        return _module(get_domain(domain, grading_only=True))
     raise BudgetReasonerError(f"no verifier {domain!r}; available: {', '.join(VERIFIERS)}, regex:PATTERN")
 
 
