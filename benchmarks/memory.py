@@ -1,7 +1,7 @@
 """The VRAM estimator against measured peaks: one training step of each stage on randomly initialized real architectures.
 
     python benchmarks/memory.py [--models Qwen/Qwen2.5-0.5B-Instruct meta-llama/Llama-3.2-1B-Instruct] [--tokens 512]
-        [--stages sft dpo distill] [--compute bfloat16] [--write memory_nf4_bf16]
+        [--stages sft dpo distill grpo] [--compute bfloat16] [--write memory_nf4_bf16]
     python benchmarks/memory.py --grid        # SFT only: fp32/NF4 x checkpointing x fused loss, the CPU plan (fp32)
     python benchmarks/memory.py --generate [--sequences 16 --tokens 512 --new-tokens 32]
 
@@ -12,7 +12,10 @@ non-4-bit weights in bf16, LoRA in fp32), gradient checkpointing on, batch 1 of 
 - dpo: TRL 1.16's own DPOTrainer for one step over one pair (prompt + chosen, prompt + rejected, `--tokens` each),
   the model carrying an adapter as after sft, so TRL adds its frozen "ref" copy and computes policy and reference
   log-probs through its fused (chunked) LM head;
-- distill: our fused KD loss against a random top-k cache batch (train/distill.py's KD step).
+- distill: our fused KD loss against a random top-k cache batch (train/distill.py's KD step);
+- grpo: TRL 1.16's own GRPOTrainer for one step (train/grpo.py's settings): a group of 2 completions of one prompt
+  of `--tokens` - 64 tokens, each generated to its 64-token limit by transformers' generate, rewarded 0 and 1, then
+  the loss through TRL's chunked log-prob head with the entropy it logs, beta 0 (no reference log-probs).
 On the CPU bf16 runs through the same plan and autocast (slow only without AMX/avx512_bf16).
 `--generate` measures sampling instead (the teacher's generate stage and eval): `sequences` prompts of
 `tokens` tokens decoded together for `new-tokens` steps, with the same logits processor our generation
@@ -71,7 +74,14 @@ def _preset(model_tokens: int, stage: str, four_bit: bool, compute: str, checkpo
     settings = getattr(preset, stage)
     settings.batch_size, settings.gradient_checkpointing, settings.fused_loss = 1, checkpointing, fused
     settings.optimizer = "adamw_torch"
+    if stage == "grpo":  # one group of GRPO_GROUP completions, each a prompt and its completion: model_tokens in all
+        settings.batch_size = settings.num_generations = GRPO_GROUP
+        settings.max_completion_length = GRPO_COMPLETION
+        settings.max_prompt_length = model_tokens - GRPO_COMPLETION
     return preset
+
+
+GRPO_GROUP, GRPO_COMPLETION = 2, 64
 
 
 def case_plan(preset, stage: str, compute: str, cuda: bool):
@@ -104,13 +114,15 @@ def run_case(model: str, tokens: int, four_bit: bool, checkpointing: bool, fused
                 else contextlib.nullcontext())
     if stage == "dpo":
         trainer, lm = _dpo_trainer(lm, preset, tokens, cuda, plan)
+    elif stage == "grpo":
+        trainer, lm = _grpo_trainer(lm, preset, cuda, plan)
     else:
         lm = _with_lora(lm, preset, checkpointing)
         optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-4)
         batch = _batch(stage, tokens, preset, device)
     model_bytes = _model_bytes(lm)
     before = _reset_peak(cuda)
-    if stage == "dpo":
+    if stage in ("dpo", "grpo"):
         trainer.train()
     else:
         with autocast:  # accelerate wraps the forward alone in autocast; backward and step run outside it
@@ -122,6 +134,7 @@ def run_case(model: str, tokens: int, four_bit: bool, checkpointing: bool, fused
     estimated = sum(v for k, v in estimate.parts.items() if not k.startswith("CUDA") and not k.startswith("allocator"))
     return {"model": model, "stage": stage, "tokens": tokens, "4bit": four_bit, "compute": plan.compute_dtype,
             "autocast": plan.autocast_dtype, "checkpointing": checkpointing, "fused": fused or stage != "sft",
+            "sequences": getattr(preset, stage).batch_size * (2 if stage == "dpo" else 1),
             "measured": measured, "estimated": estimated, "model_bytes": model_bytes,
             "parts": {k: v for k, v in estimate.parts.items()}}
 
@@ -199,6 +212,43 @@ def _dpo_trainer(lm, preset, tokens: int, cuda: bool, plan):
                      **loss_settings(preset))
     trainer = DPOTrainer(model=lm, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=_word_tokenizer())
+    adapters_in_fp32(trainer.model)  # train_with_resume does it before train() builds the optimizer
+    return trainer, trainer.model
+
+
+def _grpo_trainer(lm, preset, cuda: bool, plan):
+    """TRL 1.16's own GRPOTrainer over one group, with train/grpo.py's loss settings: one prompt of
+    grpo.max_prompt_length words, grpo.num_generations completions sampled by transformers' generate and run to
+    grpo.max_completion_length (min_new_tokens, so random weights cannot stop early), rewarded 0, 1, 0, ... (a real
+    advantage), beta 0 (no reference log-probs), the loss through TRL's chunked log-prob head (with its entropy)."""
+    import random
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from budget_reasoner.train.common import adapters_in_fp32
+
+    settings = preset.grpo
+    lm = _with_lora(lm, preset, checkpointing=False)  # the trainer turns checkpointing on from its config
+    rng = random.Random(0)
+    prompt = " ".join(f"w{rng.randrange(300)}" for _ in range(settings.max_prompt_length))
+
+    def alternating(prompts, completions, **_):
+        return [float(index % 2) for index in range(len(completions))]
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=settings.batch_size,
+                      gradient_accumulation_steps=1, learning_rate=1e-4, optim="adamw_torch", logging_steps=1,
+                      save_strategy="no", report_to="none", activation_checkpointing=settings.gradient_checkpointing,
+                      use_cpu=not cuda, bf16=plan.autocast_dtype == "bfloat16", fp16=plan.autocast_dtype == "float16",
+                      dataloader_num_workers=0, disable_tqdm=True, num_generations=settings.num_generations,
+                      max_completion_length=settings.max_completion_length, temperature=1.0, beta=0.0,
+                      loss_type=settings.loss_type, epsilon_high=settings.epsilon_high, mask_truncated_completions=False,
+                      use_vllm=False, generation_kwargs={"min_new_tokens": settings.max_completion_length},
+                      log_completions=False, include_num_input_tokens_seen=False)
+    # a word per token over the model's whole vocabulary, so every sampled id decodes
+    tokenizer = _word_tokenizer(lm.config.get_text_config().vocab_size - 3)
+    trainer = GRPOTrainer(model=lm, reward_funcs=[alternating], args=args, train_dataset=Dataset.from_list([{"prompt": prompt}]),
+                          processing_class=tokenizer)
     adapters_in_fp32(trainer.model)  # train_with_resume does it before train() builds the optimizer
     return trainer, trainer.model
 
@@ -292,7 +342,7 @@ def markdown_table(result: dict) -> str:
     """model x stage: estimated, measured, error (a --write result of training cases)."""
     lines = ["| model | stage | tokens | estimated GiB | measured GiB | error |", "|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        tokens = row["tokens"] * (2 if row.get("stage") == "dpo" else 1)
+        tokens = row["tokens"] * row.get("sequences", 2 if row.get("stage") == "dpo" else 1)
         lines.append(f"| {row['model'].split('/')[-1].removesuffix('-Instruct')} | {row.get('stage', 'sft')} | {tokens:,} | "
                      f"{row['estimated'] / 2**30:.2f} | {row['measured'] / 2**30:.2f} | {row['error']:+.1%} |")
     return "\n".join(lines)
@@ -302,7 +352,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"])
     parser.add_argument("--tokens", type=int, default=512, help="training: sequence length; --generate: prompt length")
-    parser.add_argument("--stages", nargs="+", default=["sft", "dpo", "distill"], choices=["sft", "dpo", "distill"])
+    parser.add_argument("--stages", nargs="+", default=["sft", "dpo", "distill"], choices=["sft", "dpo", "distill", "grpo"])
     parser.add_argument("--compute", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="the plan's compute dtype (bf16/fp16: the GPU plan, autocast included, also on the CPU)")
     parser.add_argument("--no-checkpointing", action="store_true")

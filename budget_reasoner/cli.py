@@ -479,7 +479,7 @@ def vram(
     model: Optional[str] = typer.Option(None, help="Hub id or local folder with config.json (default: the preset's "
                                                    "student, or its teacher for generate and cache)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
-    stage: str = typer.Option("sft", help="sft, dpo, distill (training), generate, cache (the teacher) or eval."),
+    stage: str = typer.Option("sft", help="sft, dpo, distill, grpo (training), generate, cache (the teacher) or eval."),
     vram_gb: Optional[float] = typer.Option(None, min=0, help="Card memory in GiB (default: the preset's)."),
     gpus: int = typer.Option(1, min=1, help="Training on this many cards: the memory of each (see --strategy)."),
     strategy: str = typer.Option("ddp", help="With --gpus: ddp (a full replica per card) or fsdp (weights, adapter "
@@ -488,7 +488,7 @@ def vram(
 ):
     """Estimate a stage's peak GPU memory from the model's config (no weights loaded) and say if it fits."""
     from budget_reasoner.memory import (TRAINING_STAGES, estimate_stage, estimate_training_memory_per_gpu, longest_sequence,
-                                        read_model_shape, teacher_cache_batch)
+                                        read_model_shape, teacher_cache_batch, training_sequence)
 
     settings = _preset(preset, set_, runs_models=False)
     model, estimate = estimate_stage(settings, stage, model)
@@ -501,7 +501,8 @@ def vram(
         typer.echo(f"per GPU, {gpus} GPUs, {strategy}:")
     batch = teacher_cache_batch(settings) if stage == "cache" else getattr(settings, stage).batch_size
     typer.echo(f"{model} ({shape.parameters / 1e9:.2f}B parameters), preset {settings.name}, stage {stage}, "
-               f"{settings.model.max_length} tokens x batch {batch}")
+               f"{training_sequence(settings, stage) if stage in TRAINING_STAGES else settings.model.max_length} tokens "
+               f"x batch {batch}")
     card = vram_gb or settings.vram_gb or None
     typer.echo(estimate.table(card))
     if card and stage in TRAINING_STAGES:

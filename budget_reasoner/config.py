@@ -353,9 +353,6 @@ CROSS_RULES: list[tuple[str, Callable[[Preset], bool], str]] = [
     # completions, then trains on it batch_size at a time
     ("grpo.batch_size", lambda p: p.grpo.batch_size * p.grpo.grad_accum % p.grpo.num_generations == 0,
      "such that grpo.batch_size x grpo.grad_accum (a generation batch) is a multiple of grpo.num_generations"),
-    # a sampled sequence is prompt + completion: no longer than the model is trained (and, tiny, built) for
-    ("grpo.max_completion_length", lambda p: p.grpo.max_prompt_length + p.grpo.max_completion_length <= p.model.max_length,
-     "at most model.max_length - grpo.max_prompt_length"),
     # each problem of a step is sampled num_generations times
     ("opd.batch_size", lambda p: p.opd.batch_size % p.opd.num_generations == 0, "a multiple of opd.num_generations"),
     ("distill.stream_layers", lambda p: not (p.distill.stream_layers and (p.scoring_teacher or "").startswith("openai:")),

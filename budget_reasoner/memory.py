@@ -2,7 +2,7 @@
 
 Every dtype comes from the stage's plan (plan.py: what is 4-bit, what is upcast, autocast, full or chunked
 logits, the optimizer's state), so a loader change that moves a dtype moves the estimate with it.
-The parts, per stage (sft, dpo, distill), in bytes:
+The parts, per stage (sft, dpo, distill, grpo), in bytes:
 - base weights: linear layers in NF4 (4 bits + one fp32 absmax per 64 weights, itself 8-bit quantized
   with double quantization: ~4.13 bits), embeddings and an untied LM head at the plan's dtype for them
   (bitsandbytes leaves them unquantized; norms and biases, under 0.1% of the bytes, are left out); or every
@@ -21,7 +21,12 @@ The parts, per stage (sft, dpo, distill), in bytes:
   the frozen "ref" copy of the adapter TRL adds for the reference log-probs;
 - on CUDA, 5% for the caching allocator's fragmentation and a fixed allowance for the CUDA context and
   cuBLAS workspaces (on the CPU, measured with steady malloc settings, neither is needed).
-DPO runs chosen and rejected together (twice the sequences). The teacher's work is estimated too: sampling
+DPO runs chosen and rejected together (twice the sequences). GRPO trains on `grpo.batch_size` completions (of
+`grpo.num_generations` per problem) of at most max_prompt_length + max_completion_length tokens through TRL's fused
+LM head as DPO does, with no reference (beta 0; beta > 0 with LoRA reads the base with the adapter off: no copy);
+its completions come from the colocated vLLM engine on CUDA (its reserved share of the card, counted whole) or from
+transformers' generate, whose KV cache for the generation batch (batch_size x grad_accum sequences) is freed
+before the step, so only what it needs beyond the step's own memory raises the peak. The teacher's work is estimated too: sampling
 chains (weights, every sequence's KV cache at its longest, one layer of prefill, the next-token scores) and
 distill's top-k cache (one no-grad forward, one chunk of logits). `budget-reasoner vram` prints the table.
 """
@@ -125,9 +130,10 @@ class MemoryEstimate:
         return self.total <= vram_gb * GIB * (1 - headroom)
 
     def table(self, vram_gb: float | None = None) -> str:
-        lines = [f"{'part':<34}{'GiB':>8}"]
-        lines += [f"{name:<34}{value / GIB:>8.2f}" for name, value in self.parts.items()]
-        lines.append(f"{'total':<34}{self.total / GIB:>8.2f}")
+        width = max([34, *(len(name) + 2 for name in self.parts)])
+        lines = [f"{'part':<{width}}{'GiB':>8}"]
+        lines += [f"{name:<{width}}{value / GIB:>8.2f}" for name, value in self.parts.items()]
+        lines.append(f"{'total':<{width}}{self.total / GIB:>8.2f}")
         if vram_gb:
             verdict = "fits" if self.fits(vram_gb) else "does NOT fit"
             lines.append(f"{verdict} a {vram_gb:g} GiB card with 10% headroom ({self.total / (vram_gb * GIB):.0%} used)")
@@ -141,12 +147,14 @@ def lora_parameters(shape: ModelShape, preset: Preset) -> int:
 
 def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sft", device: str = "cuda",
                              plan: Plan | None = None) -> MemoryEstimate:
-    """Peak memory of one training step of `stage` ("sft", "dpo" or "distill") under `preset`, as `plan` runs it
-    (default: the plan of that stage on a CUDA card with the bitsandbytes backend)."""
+    """Peak memory of one training step of `stage` ("sft", "dpo", "distill" or "grpo") under `preset`, as `plan`
+    runs it (default: the plan of that stage on a CUDA card with the bitsandbytes backend)."""
     plan = plan or plan_for(preset, stage, device)
-    settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill}[stage]
+    settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill, "grpo": preset.grpo}[stage]
     compute, residual = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.residual_dtype]
-    tokens = settings.batch_size * preset.model.max_length * (2 if stage == "dpo" else 1)
+    sequence = training_sequence(preset, stage)
+    sequences = settings.batch_size * (2 if stage == "dpo" else 1)
+    tokens = sequences * sequence
     estimate = _with_weights(shape, plan)
     parts = estimate.parts
     if plan.autocast_dtype and plan.embeddings_dtype != plan.autocast_dtype:
@@ -154,17 +162,19 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     lora = lora_parameters(shape, preset)
     parts["LoRA weights + grads + optimizer"] = lora * (2 * DTYPE_BYTES[plan.lora_dtype] + plan.optimizer_state_bytes)
     per_token_layer = 8 * shape.hidden * residual + (2 * shape.kv_dim + 4 * shape.intermediate) * compute
+    before_step = sum(parts.values())  # what lives through the whole step; the rest is the step's own
     if settings.gradient_checkpointing:
         kept = 0 if plan.offload_checkpoints else tokens * shape.layers * shape.hidden * residual
         parts["activations (checkpointed)"] = kept + tokens * per_token_layer
     else:
         parts["activations"] = tokens * shape.layers * per_token_layer
     if preset.model.attention == "eager":
-        parts["attention scores (eager)"] = (settings.batch_size * (2 if stage == "dpo" else 1) * shape.heads
-                                             * preset.model.max_length**2 * (compute + 4) * (1 if settings.gradient_checkpointing else shape.layers))
-    if stage == "dpo":  # TRL's fused LM head, for the policy and (no grad) the reference log-probs alike
+        parts["attention scores (eager)"] = (sequences * shape.heads * sequence**2 * (compute + 4)
+                                             * (1 if settings.gradient_checkpointing else shape.layers))
+    if stage in ("dpo", "grpo"):  # TRL's fused LM head, for the policy and (no grad) the reference log-probs alike
         parts.update(_trl_fused_lm_head(shape, tokens, DTYPE_BYTES[plan.logits_dtype], device))
-        parts["reference adapter (TRL's frozen copy)"] = lora * DTYPE_BYTES[plan.lora_dtype]
+        if stage == "dpo":
+            parts["reference adapter (TRL's frozen copy)"] = lora * DTYPE_BYTES[plan.lora_dtype]
     elif plan.logits == "chunked":
         # our chunked loss: a chunk's fp32 logits (the gradient overwrites them), and beside them the chunk in the
         # compute dtype when that is 16-bit (the matmul's output before the upcast, the gradient's cast for its matmul)
@@ -174,7 +184,58 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     else:
         logits = DTYPE_BYTES[plan.logits_dtype]
         parts["logits + loss"] = tokens * shape.vocab * (logits + 4 + 4 + (4 if logits == 2 else 0))
-    return _with_cuda_overheads(estimate, device)
+    if stage != "grpo":
+        return _with_cuda_overheads(estimate, device)
+    engine = vllm_share(preset, device)
+    if not engine:  # transformers' generate, before the step's forward: only what outgrows the step raises the peak
+        generation = _grpo_generation(shape, preset, plan, device)
+        parts[f"generation beyond the step ({grpo_generation_batch(preset)} sequences' KV cache)"] = \
+            max(0.0, generation - (sum(parts.values()) - before_step))
+    estimate = _with_cuda_overheads(estimate, device)
+    if engine:  # its own pool, reserved whole by vLLM (outside the training allocator's slack)
+        parts[f"vLLM engine (colocated, {preset.grpo.vllm_gpu_memory_utilization:.0%} of the card)"] = engine
+    return estimate
+
+
+def training_sequence(preset: Preset, stage: str) -> int:
+    """Tokens of the longest training sequence: model.max_length, or for grpo a prompt (at most
+    grpo.max_prompt_length: longer ones are left out) and its completion."""
+    if stage == "grpo":
+        return preset.grpo.max_prompt_length + preset.grpo.max_completion_length
+    return preset.model.max_length
+
+
+def grpo_generation_batch(preset: Preset) -> int:
+    """Completions TRL samples at once: one generation batch, batch_size x grad_accum (steps_per_generation)."""
+    return preset.grpo.batch_size * preset.grpo.grad_accum
+
+
+def vllm_share(preset: Preset, device: str) -> float:
+    """Bytes the colocated vLLM engine reserves on a CUDA card (grpo.vllm_gpu_memory_utilization of the preset's
+    card as torch reports it); 0 where TRL generates with transformers."""
+    if device != "cuda" or preset.grpo.vllm_gpu_memory_utilization <= 0 or preset.vram_gb <= 0:
+        return 0.0
+    return preset.grpo.vllm_gpu_memory_utilization * preset.vram_gb * GIB
+
+
+def _grpo_generation(shape: ModelShape, preset: Preset, plan: Plan, device: str) -> float:
+    """transformers' generate of one generation batch with the training model: every sequence's KV cache at its
+    longest (prompt + completion), one layer of prefill, the next-token scores (as estimate_inference_memory)."""
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    sequences, settings = grpo_generation_batch(preset), preset.grpo
+    kv = sequences * training_sequence(preset, "grpo") * shape.layers * 2 * shape.kv_dim * compute
+    prefill = sequences * settings.max_prompt_length * (4 * shape.hidden + 3 * shape.intermediate) * compute
+    return kv + prefill + sequences * shape.vocab * 4 * 3
+
+
+def vllm_engine_needs(shape: ModelShape, preset: Preset) -> float:
+    """What the colocated vLLM engine must hold inside its share to sample a whole generation batch at once: the
+    weights as TRL has it load them (bitsandbytes 4-bit when the student is; else the compute dtype) and every
+    sequence's KV cache at its longest. vLLM adds its own activations and CUDA graphs beside these."""
+    plan = plan_for(preset, "generate", "cuda")
+    kv = (grpo_generation_batch(preset) * training_sequence(preset, "grpo") * shape.layers * 2 * shape.kv_dim
+          * DTYPE_BYTES[plan.compute_dtype])
+    return sum(_with_weights(shape, plan).parts.values()) + kv
 
 
 STRATEGIES = ("ddp", "fsdp")
@@ -391,13 +452,17 @@ def check_preset_fits(preset: Preset, hardware) -> None:
 
 
 def longest_sequence(shape: ModelShape, preset: Preset, vram_gb: float, stage: str = "sft", headroom: float = 0.10) -> int:
-    """The longest training sequence (at the preset's batch size) whose estimate fits `vram_gb` with `headroom`."""
+    """The longest training sequence (at the preset's batch size) whose estimate fits `vram_gb` with `headroom`
+    (grpo: its prompt + completion, the completion grown)."""
     import copy
 
     trial = copy.deepcopy(preset)
 
     def fits(length: int) -> bool:
-        trial.model.max_length = length
+        if stage == "grpo":
+            trial.grpo.max_completion_length = max(1, length - trial.grpo.max_prompt_length)
+        else:
+            trial.model.max_length = length
         return estimate_training_memory(shape, trial, stage).fits(vram_gb, headroom)
 
     low, high = 0, 1024

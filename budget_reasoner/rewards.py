@@ -11,8 +11,12 @@ TRL and Unsloth hit most, and what these do instead:
 - a format reward alone would teach the model to write empty chains with a box: it is small beside correctness
   (`grpo.format_weight`, default 0.1) and pays only the exact shape `<think> ... </think>` then one `\\boxed{}`;
 - a reward function that raises or returns NaN for one completion must not end the run: the sample gets None
-  (left out) and the count says how often.
-`RewardStats` keeps those counts; the stage logs them with its history.
+  and the count says how often;
+- a completion missing any one reward (None, NaN, the verifier raised) is left out whole (`leave_out_unscored`):
+  TRL would add up the rewards it has, so a format reward would pay a chain the verifier never graded;
+- a group whose scored completions all earn the same reward has no advantage and teaches nothing: counted.
+`RewardStats` keeps those counts; the stage logs them with its history (`counts/...` at every logged step) and
+keeps them across a resume (saved with each checkpoint).
 """
 
 from __future__ import annotations
@@ -37,10 +41,41 @@ class RewardStats:
     unparseable_reference: int = 0  # no correctness reward: the reference cannot be graded against
     unclosed_think: int = 0  # the chain never closed </think>: correctness 0
     failed: int = 0  # the verifier raised or gave no verdict: the sample is left out
+    left_out: int = 0  # completions some reward function could not score: no reward, advantage 0
+    groups: int = 0  # groups of num_generations completions of one problem
+    equal_reward_groups: int = 0  # groups whose scored completions all earned one reward (or fewer than two scored)
     by_function: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "by_function"}
+
+    def log_fields(self) -> dict:
+        """The counts as the trainer logs them beside its own metrics (cumulative over the stage)."""
+        return {f"counts/{key}": value for key, value in self.to_dict().items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RewardStats":
+        known = {key: value for key, value in values.items() if key in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def leave_out_unscored(rewards_per_func, weights, group: int, stats: RewardStats):
+    """TRL's rewards of one generation batch (completions x reward functions, NaN where a function gave None) with
+    every row that misses any reward made all NaN: TRL leaves such a completion out of its group's baseline with
+    advantage 0, where it would otherwise add up the rewards it has. Counts the rows left out, and the groups (of
+    `group` consecutive completions: one problem's) whose scored completions' weighted totals are all equal."""
+    import torch
+
+    missing = torch.isnan(rewards_per_func).any(dim=1)
+    rewards = rewards_per_func.clone()
+    rewards[missing] = float("nan")
+    stats.left_out += int(missing.sum())
+    totals = (rewards * weights.to(rewards.device)).sum(dim=1).view(-1, group)  # NaN where left out
+    for row in totals:
+        scored = row[~torch.isnan(row)]
+        stats.groups += 1
+        stats.equal_reward_groups += int(scored.numel() < 2 or bool(torch.isclose(scored, scored[0]).all()))
+    return rewards
 
 
 def completion_text(completion) -> str:

@@ -46,7 +46,7 @@ def test_the_fused_loss_and_checkpointing_lower_the_estimate():
 def test_every_gpu_preset_fits_its_card_with_10_percent_headroom(name):
     preset = load_preset(name)
     fits, estimates = preset_fits(preset, preset.vram_gb)
-    assert set(estimates) == {"sft", "dpo", "distill", "generate", "cache", "eval"}  # the teacher's work too
+    assert set(estimates) == {"sft", "dpo", "distill", "grpo", "generate", "cache", "eval"}  # the teacher's work too
     assert fits, {stage: round(e.total / GIB, 2) for stage, e in estimates.items()}
 
 
@@ -57,7 +57,7 @@ def test_kv_cache_by_hand_and_a_server_teacher_costs_this_card_nothing():
     # 16 sequences x (1,024 prompt + 1,024 new tokens) x 28 layers x (K and V) x 512 values x 2 bytes (fp16)
     assert estimate.parts["KV cache"] == 16 * 2048 * 28 * 2 * 512 * 2
     preset.model.teacher = "openai:Qwen/Qwen2.5-72B-Instruct"
-    assert set(preset_fits(preset, preset.vram_gb)[1]) == {"sft", "dpo", "distill", "eval"}
+    assert set(preset_fits(preset, preset.vram_gb)[1]) == {"sft", "dpo", "distill", "grpo", "eval"}
 
 
 @pytest.mark.parametrize("name", [name for name in available_presets() if load_preset(name).vram_gb > 0])
@@ -136,3 +136,55 @@ def test_the_chunked_loss_counts_its_16_bit_copy_and_the_cpu_chunk():
     assert estimate_training_memory(shape, preset, "distill").parts["logits (fused, one chunk)"] == 128 * shape.vocab * 6
     # on the CPU the chunks are four times as large (512 MiB of fp32 logits), and its plan computes in fp32: no copy
     assert estimate_training_memory(shape, preset, "distill", device="cpu").parts["logits (fused, one chunk)"] == 512 * shape.vocab * 4
+
+
+@pytest.mark.parametrize("name", [name for name in available_presets() if load_preset(name).vram_gb > 0])
+def test_every_gpu_presets_grpo_fits_by_either_generation_route(name):
+    """GRPO's step fits beside the colocated vLLM engine's share, and without vLLM (transformers' generate) too;
+    the share holds the engine's weights and one generation batch's KV cache with 25% to spare."""
+    import copy
+
+    from budget_reasoner.memory import vllm_engine_needs, vllm_share
+
+    preset = load_preset(name)
+    shape = read_model_shape(preset.model.student)
+    assert preset.grpo.max_completion_length >= preset.generate.max_new_tokens  # sized for the chains, not shrunk
+    assert estimate_training_memory(shape, preset, "grpo").fits(preset.vram_gb)
+    assert vllm_share(preset, "cuda") >= 1.25 * vllm_engine_needs(shape, preset)
+    without = copy.deepcopy(preset)
+    without.grpo.vllm_gpu_memory_utilization = 0.0
+    assert estimate_training_memory(shape, without, "grpo").fits(preset.vram_gb)
+
+
+def test_grpo_counts_the_group_and_its_generation_by_hand():
+    """GRPO trains on batch_size sequences of max_prompt_length + max_completion_length through TRL's fused head;
+    on CUDA the vLLM engine reserves its share of the card; without it transformers' generate holds the generation
+    batch's KV cache, which raises the peak only by what outgrows the step."""
+    from budget_reasoner.memory import GIB, grpo_generation_batch
+
+    shape = read_model_shape("Qwen/Qwen2.5-1.5B-Instruct")  # 28 layers, 2 KV heads x 128
+    preset = load_preset("12gb", {"grpo.batch_size": 4, "grpo.grad_accum": 8, "grpo.num_generations": 8,
+                                  "grpo.max_prompt_length": 256, "grpo.max_completion_length": 768,
+                                  "grpo.vllm_gpu_memory_utilization": 0.25})
+    tokens = 4 * (256 + 768)
+    parts = estimate_training_memory(shape, preset, "grpo").parts
+    assert parts["logits (TRL fused LM head, one tile)"] == min(tokens, 4096) * 32768 * 2
+    assert parts["TRL head: saved hidden states + fp32 gradient"] == tokens * shape.hidden * (2 + 4)
+    assert parts["vLLM engine (colocated, 25% of the card)"] == 0.25 * 12 * GIB
+    assert "reference adapter (TRL's frozen copy)" not in parts  # beta 0 and LoRA: no reference copy at all
+    assert not any(name.startswith("generation") for name in parts)
+    preset.grpo.vllm_gpu_memory_utilization = 0.0
+    parts = estimate_training_memory(shape, preset, "grpo").parts
+    assert grpo_generation_batch(preset) == 32
+    step = sum(value for name, value in parts.items() if name.startswith(("activations", "logits", "TRL")))
+    # 32 sequences x 1,024 tokens x 28 layers x (K and V) x 256 values x 2 bytes; a layer of 256-token prefill; scores
+    generation = (32 * 1024 * 28 * 2 * 256 * 2 + 32 * 256 * (4 * shape.hidden + 3 * shape.intermediate) * 2
+                  + 32 * shape.vocab * 4 * 3)
+    assert parts["generation beyond the step (32 sequences' KV cache)"] == pytest.approx(max(0, generation - step))
+
+
+def test_vram_answers_for_grpo():
+    result = CliRunner().invoke(app, ["vram", "--preset", "24gb", "--stage", "grpo"])
+    assert result.exit_code == 0, result.output
+    assert "vLLM engine (colocated, 40% of the card)" in result.output and "fits a 24 GiB card" in result.output
+    assert "longest grpo sequence" in result.output
