@@ -170,7 +170,8 @@ def quickstart(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     max_hours: Optional[float] = typer.Option(None, min=0, help="Stop before anything loads if the plan (`budget-reasoner "
                                               "plan`) takes longer; on the CPU this calibrates first (~1 min)."),
-    rl: str = typer.Option("none", help="RL after the recipe: none, or grpo (from the last stage, on the training problems)."),
+    rl: str = typer.Option("none", help="RL after the recipe, from the last stage on the training problems: none, grpo "
+                                        "(verifiable rewards), or opd (on-policy distillation from the scoring teacher)."),
     rounds: int = typer.Option(1, help="Self-play rounds: 1 trains on the teacher's chains alone; each further round "
                                        "samples the last student's chains, keeps the verified ones beside the teacher's "
                                        "and continues SFT on them (OUT/sft-round-N)."),
@@ -312,6 +313,32 @@ def grpo_command(
     rewards = [entry["reward"] for entry in record["history"] if "reward" in entry]
     trend = f"; mean reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else ""
     typer.echo(f"grpo adapter: {out / 'adapter'} ({record['seconds']:.0f} s{trend})")
+
+
+@app.command("opd")
+@friendly_errors
+def opd_command(
+    start: str = typer.Option(..., "--from", help="The student: a stage folder (runs/quick/sft) or a base model."),
+    problems: Path = typer.Option(..., help="Training problems (JSONL: id, domain, question, answer, source) whose "
+                                            "questions the student answers, e.g. runs/quick/data/problems/train.jsonl."),
+    teacher: str = typer.Option(..., help="Teacher model path or hub id that scores every sampled token (must share "
+                                          "the student's tokenizer)."),
+    out: Path = typer.Option(Path("runs/opd"), help="Output folder for the OPD adapter."),
+    domain: str = typer.Option("math", help="The problems' domain (recorded; OPD reads no answers)."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    report_to: str = typer.Option("none", help=REPORT_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+):
+    """On-policy distillation: the student samples, the teacher scores every sampled token (per-token reverse KL)."""
+    settings = _preset(preset, set_)
+    from budget_reasoner.train.opd import opd
+
+    record = opd(problems, start, teacher, out, settings, domain, report_to=_report_to(report_to), overwrite=overwrite)
+    kl = [entry["reverse_kl"] for entry in record["history"] if "reverse_kl" in entry]
+    trend = f"; reverse KL {kl[0]:.3f} -> {kl[-1]:.3f}" if kl else ""
+    typer.echo(f"opd adapter: {out / 'adapter'} ({record['seconds']:.0f} s, {record['teacher_tokens']:,} teacher-scored "
+               f"tokens{trend})")
 
 
 @app.command("distill")

@@ -172,8 +172,11 @@ class OpdConfig(TrainConfig):
     num_generations: int = 4
     max_completion_length: int = 64
     temperature: float = 1.0  # sampling only: the loss reads the student's own (temperature 1) log-probs
-    # asked of the scorer beside each sampled token's log-prob; read only from a scorer that gives no token log-probs
-    top_k: int = 8
+    # "sampled": policy gradient with the per-token advantage log p_teacher - log p_student on the sampled token
+    # (Thinking Machines' on-policy distillation); "topk": at every sampled position, KL(student || teacher) over
+    # the teacher's top-k tokens and the mass outside them, differentiated exactly (GKD's reverse KL, top-k bucketed)
+    objective: str = "sampled"
+    top_k: int = 8  # the teacher's top-k: the buckets of "topk"; for "sampled" read only from a scorer without token log-probs
 
 
 @dataclass
@@ -317,7 +320,8 @@ RULES: dict[type, dict[str, Rule]] = {
                  "beta": NON_NEGATIVE, "loss_type": one_of("grpo", "dr_grpo", "dapo", "bnpo"), "epsilon": above(0),
                  "epsilon_high": above(0), "format_weight": NON_NEGATIVE, "length_weight": NON_NEGATIVE,
                  "max_prompt_length": POSITIVE, "vllm_gpu_memory_utilization": between(0, 1, high_open=True)},
-    OpdConfig: {"num_generations": POSITIVE, "max_completion_length": POSITIVE, "temperature": above(0), "top_k": POSITIVE},
+    OpdConfig: {"num_generations": POSITIVE, "max_completion_length": POSITIVE, "temperature": above(0), "top_k": POSITIVE,
+                "objective": one_of("sampled", "topk")},
     GenerateConfig: {"num_train_problems": POSITIVE, "num_eval_problems": POSITIVE, "min_steps": POSITIVE,
                      "max_steps": POSITIVE, "samples_per_problem": POSITIVE, "temperature": NON_NEGATIVE,
                      "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "shard_size": POSITIVE, "seed": NON_NEGATIVE,

@@ -41,11 +41,12 @@ from budget_reasoner.sampling.server import redact
 from budget_reasoner.train.distill import cache_teacher_topk, distill
 from budget_reasoner.train.dpo import dpo
 from budget_reasoner.train.grpo import grpo
+from budget_reasoner.train.opd import opd
 from budget_reasoner.train.pretrain import bootstrap
 from budget_reasoner.train.sft import sft
 
 STAGES = ("bootstrap", "generate", "sft", "dpo", "distill")
-RL_STAGES = ("none", "grpo")  # quickstart --rl: what runs after distill
+RL_STAGES = ("none", "grpo", "opd")  # quickstart --rl: what runs after distill
 
 
 def preset_fingerprint(preset: Preset) -> str:
@@ -163,7 +164,8 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
     Each training stage records its wall time, device, tokens and peak memory; with `gpu_hour_price`
     (dollars per GPU-hour) the report prices every stage and the whole run.
 
-    `rl="grpo"` adds GRPO (train/grpo.py) on the training problems after the last stage, with its own eval row.
+    `rl="grpo"` adds GRPO (train/grpo.py) on the training problems after the last stage, with its own eval row;
+    `rl="opd"` adds on-policy distillation (train/opd.py) there instead: the scoring teacher scores the student's samples.
 
     `rounds` > 1 adds self-play rounds (expert iteration) after sft: round R samples the round R-1 student's
     chains on the training problems, keeps the verified ones beside the teacher's (generate.merge_chains states
@@ -240,6 +242,13 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
         start = out / stage_runs[-1][0]
         stage_runs.append(("grpo", lambda: grpo(out / "data" / "problems" / "train.jsonl", start, out / "grpo", preset,
                                                 domain, hardware, report_to)))
+    if rl == "opd":  # on-policy distillation after the recipe: the last stage samples, the scoring teacher scores
+        if scorer is None:
+            raise BudgetReasonerError("--rl opd: the teacher must score the student's tokens here (a local checkpoint of "
+                                      "the same tokenizer); set distill.teacher, or use --rl grpo")
+        opd_start = out / stage_runs[-1][0]
+        stage_runs.append(("opd", lambda: opd(out / "data" / "problems" / "train.jsonl", opd_start, scorer, out / "opd",
+                                              preset, getattr(domain, "name", domain), hardware, report_to)))
     for name, run_stage in stage_runs:
         record = run_stage()
         results["stages"][name] = {
@@ -314,7 +323,7 @@ def compute_per_stage(out: Path, results: dict, gpu_hour_price: float | None = N
     rows = [row("bootstrap", results["bootstrap"])] if "bootstrap" in results else []
     rows.append(row("generate", results["generate"]))
     cache = out / "distill" / "cache" / "COMPLETE.json"
-    for name in ("sft", "dpo", "distill", "grpo"):
+    for name in ("sft", "dpo", "distill", "grpo", "opd"):
         if name == "distill" and cache.exists():
             rows.append(row("teacher top-k cache", read_json(cache)))
         if name in results["stages"]:

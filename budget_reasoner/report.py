@@ -6,7 +6,7 @@ from pathlib import Path
 
 from budget_reasoner.io import write_json
 
-STAGE_ORDER = ("base", "sft", "dpo", "distill", "grpo")
+STAGE_ORDER = ("base", "sft", "dpo", "distill", "grpo", "opd")
 SELF_PLAY = "sft-round-"  # quickstart --rounds: sft-round-2, sft-round-3, ... between sft and dpo
 
 

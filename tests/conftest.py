@@ -29,6 +29,7 @@ TINY = {
     "eval.maj_k": 2, "eval.max_new_tokens": 24, "eval.batch_size": 32,
     "grpo.max_steps": 2, "grpo.batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 16,
     "grpo.save_steps": 2,
+    "opd.max_steps": 4, "opd.batch_size": 4, "opd.num_generations": 2, "opd.max_completion_length": 16, "opd.save_steps": 2,
     "lora.r": 4, "lora.alpha": 8,
 }
 

@@ -25,6 +25,9 @@ class Generated:
     mean_logprob: float | None  # average log-prob of the generated tokens under the sampling distribution (local only)
     tokens: int | None  # generated tokens, the stop token included (a server's: its `usage` count)
     prompt_tokens: int | None = None  # the prompt tokens a server billed for this completion (its share of them)
+    # the sampled token ids, the stop token included (local only): what on-policy training scores and trains on,
+    # since decoding and re-encoding the text need not give the same tokens back
+    token_ids: list[int] | None = None
 
 
 def chat_prompt(question: str, instruction: str = "") -> list[dict]:

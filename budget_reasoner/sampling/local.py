@@ -118,7 +118,8 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
                 decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for offset, index in enumerate(chunk):
                     rows = range(offset * num_samples, (offset + 1) * num_samples)
-                    results[index] = [Generated(decoded[r], means[r], int(counts[r])) for r in rows]
+                    results[index] = [Generated(decoded[r], means[r], int(counts[r]),
+                                                token_ids=new_tokens[r, : counts[r]].tolist()) for r in rows]
                 bar.advance(task, len(chunk))
     finally:
         tokenizer.padding_side = padding_side
