@@ -25,8 +25,9 @@ app.add_typer(presets_app, name="presets")
 PRESET_HELP = "Preset name (see `budget-reasoner presets list`) or a .yaml file; 'auto' picks one for this machine."
 SET_HELP = "Override a preset value, e.g. --set sft.max_steps=50 (repeatable)."
 REPORT_HELP = "Where to log training: 'none' or 'wandb' (honours WANDB_MODE=offline)."
-DOMAIN_HELP = ("The narrow domain: math, logic, choice (GPQA-style multiple choice, from --problems FILE.csv), or "
-               "the path of a .py file that defines one (its interface: budget_reasoner/domains/__init__.py).")
+DOMAIN_HELP = ("The narrow domain: math, logic, choice (GPQA-style multiple choice, from --problems FILE.csv), code "
+               "(functions passing unit tests, from --problems FILE in MBPP's or HumanEval's layout), or the path of a "
+               ".py file that defines one (its interface: budget_reasoner/domains/__init__.py).")
 PROBLEMS_FILE_HELP = ("Your own problems instead of the domain's: a .jsonl, .csv or .parquet file with question and "
                       "answer columns (see --columns); a seeded held-out split is set aside and never trained on.")
 COLUMNS_HELP = "Your file's column names, e.g. question=prompt,answer=solution (default: question, answer)."
@@ -178,6 +179,10 @@ def quickstart(
 ):
     """Run the whole recipe (bootstrap, generate, sft, dpo, distill, eval) and write report.md/json/png."""
     settings = _preset(preset, set_)  # first: it settles the backend before the stages are imported
+    from budget_reasoner.recipe import needs_bootstrap
+
+    if needs_bootstrap(settings):  # a domain without an offline world (code) says so first, not that it needs a file
+        _domain(domain, grading_only=True).require_offline()
     domain = _domain(domain, problems, columns, verifier)
     from budget_reasoner.recipe import quickstart as run_quickstart
     from budget_reasoner.report import markdown

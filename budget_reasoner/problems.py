@@ -48,19 +48,21 @@ class Benchmark:
     question: Callable[[dict], str] | None = None  # the question from a raw record (default: its question_field)
 
 
-CODE_ANSWER = "Write the complete Python code in one ```python block."
+# A code question is the task's own text; how to answer (think, then one ```python block) is the code domain's
+# instruction (domains/code.py), put after it in the prompt. Wording shared by every question would be a 13-token
+# n-gram (decontaminate.NGRAM) common to all of them: every training problem would overlap every held-out one.
 
 
 def mbpp_question(record: dict) -> str:
-    """The task and its tests, as the MBPP paper prompts (Austin et al., 2021): the tests name the function."""
+    """The task and its tests, as the MBPP paper prompts (Austin et al., 2021): the tests name the function and
+    show how it is called."""
     tests = "\n".join(test.strip() for test in record["test_list"])
-    return f"{record['text'].strip()}\nYour code should pass these tests:\n\n{tests}\n\n{CODE_ANSWER}"
+    return f"{record['text'].strip()}\nTests:\n{tests}"
 
 
 def humaneval_question(record: dict) -> str:
-    """The signature and docstring to complete; the answer repeats them (the grader runs the whole block)."""
-    return (f"Complete this Python function:\n\n```python\n{record['prompt'].rstrip()}\n```\n\n"
-            f"{CODE_ANSWER} Include the code above (imports, helpers, the signature), not only the body.")
+    """The signature and docstring to complete (imports and helpers included); the answer writes the whole function."""
+    return f"Complete this Python function:\n\n{record['prompt'].strip()}"
 
 
 BENCHMARKS = {

@@ -25,6 +25,10 @@
     NAME = "capitals"          written in every problem row and run record (default: the file's stem)
     INSTRUCTION = "..."        put before the preset's generate.instruction when the preset has one: a real
                                model's prompt (the offline tiny models read bare questions)
+    OWN_INSTRUCTION = True     INSTRUCTION replaces the preset's generate.instruction (which asks for a \\boxed{}
+                               answer), empty or not: for a domain that answers otherwise (code: a ```python block)
+    DECONTAMINATE = ("mbpp",)  benchmarks no training problem may overlap (13-gram), beside the preset's
+                               generate.decontaminate: the domain's own eval sets
     def make_splits(num_train, num_eval, seed, min_steps, max_steps) -> (train, held_out)
                                default: the held-out problems are drawn first (seed + 1_000_003), then the
                                training ones with the held-out questions excluded
@@ -59,6 +63,7 @@ from typing import Callable
 from budget_reasoner.errors import BudgetReasonerError
 
 BUILT_IN = {"math": "budget_reasoner.domains.math", "logic": "budget_reasoner.domains.logic",
+            "code": "budget_reasoner.domains.code",
             "choice": "budget_reasoner.domains.choice"}
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out split's own seed: never the training split's
 
@@ -120,6 +125,8 @@ class Domain:
     make_splits: Callable | None = None
     problems: ProblemFile | None = None
     instruction: str = ""
+    own_instruction: bool = False  # the instruction replaces the preset's (OWN_INSTRUCTION)
+    decontaminate: tuple[str, ...] = ()  # the domain's own benchmarks (DECONTAMINATE)
     rejected_prefix: Callable | None = None
     single_steps: Callable | None = None
     read_problems: Callable | None = None  # the domain's reader of a problems file (default: question/answer columns)
@@ -295,6 +302,11 @@ def from_module(module, origin: str, default_name: str, needs_source: bool = Tru
     instruction = get("INSTRUCTION") or ""
     if not isinstance(instruction, str):
         problems.append(f"{origin}: INSTRUCTION must be text, got {type(instruction).__name__}")
+    own_instruction, decontaminate = get("OWN_INSTRUCTION") or False, get("DECONTAMINATE") or ()
+    if not isinstance(own_instruction, bool):
+        problems.append(f"{origin}: OWN_INSTRUCTION must be True or False, got {own_instruction!r}")
+    if isinstance(decontaminate, str) or not all(isinstance(spec, str) for spec in decontaminate):
+        problems.append(f"{origin}: DECONTAMINATE must be a list of benchmark names, got {decontaminate!r}")
     check, named = callable_or_none("check"), get("VERIFIER")
     verifier = named
     if named is not None and check is not None:
@@ -345,15 +357,27 @@ def from_module(module, origin: str, default_name: str, needs_source: bool = Tru
         files = [Path(origin)] + ([problem_file.path] if problem_file else [])
         digest = hashlib.sha256(":".join(file_sha256(path) for path in files).encode()).hexdigest()[:16]
     return Domain(name=name, verifier=verifier, origin=origin, digest=digest, make_problems=make_problems,
+                  own_instruction=own_instruction is True, decontaminate=tuple(decontaminate),
                   make_splits=make_splits, problems=problem_file, instruction=instruction,
                   rejected_prefix=rejected_prefix, single_steps=single_steps, read_problems=read_problems,
                   no_offline_world=no_offline_world if isinstance(no_offline_world, str) else "")
 
 
-def with_instruction(preset, domain: Domain):
+def with_instruction(preset, domain: Domain | str):
     """`preset` with the domain's INSTRUCTION put before generate.instruction, when the preset has one (a real
-    model's prompt); the offline presets' empty instruction stays empty: the tiny models read bare questions."""
-    if not domain.instruction or not preset.generate.instruction:
-        return preset
+    model's prompt); the offline presets' empty instruction stays empty: the tiny models read bare questions.
+    A domain with OWN_INSTRUCTION (code) has its instruction in place of the preset's, whatever that was.
+
+    Applying it twice changes nothing: quickstart applies it to the whole run, and generate and evaluate to what they
+    prompt with, so a stage run alone prompts as it does in a run. `domain` may be a built-in's name (eval grades a
+    benchmark by name: mbpp is code's); a verifier's name (numeric, regex:...) has no instruction of its own."""
+    if isinstance(domain, str):
+        if domain not in BUILT_IN:
+            return preset
+        domain = get_domain(domain, grading_only=True)
+    if domain.own_instruction and domain.instruction:
+        return replace(preset, generate=replace(preset.generate, instruction=domain.instruction))
+    if not domain.instruction or not preset.generate.instruction or preset.generate.instruction.startswith(domain.instruction):
+        return preset  # nothing to add, or added already
     generate = replace(preset.generate, instruction=f"{domain.instruction}\n{preset.generate.instruction}")
     return replace(preset, generate=generate)

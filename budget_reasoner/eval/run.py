@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from budget_reasoner.config import Preset
-from budget_reasoner.domains import Domain, recorded
+from budget_reasoner.domains import Domain, recorded, with_instruction
 from budget_reasoner.eval.budget_forcing import generate_with_budget
 from budget_reasoner.eval.metrics import accuracy_curve, best_of_n, cluster_answers, mean, pass_at_k, tokens_curve, vote
 from budget_reasoner.errors import BudgetReasonerError
@@ -57,6 +57,7 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     settings, are never reused. Questions too long for the model's context are cut to fit (counted, said) before
     the model loads."""
     out = Path(out)
+    preset = with_instruction(preset, domain)  # the domain's instruction (code: its own), as generate prompted
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS, PROBLEM_KINDS)  # bad rows: one line, nothing claimed
     settings = {**settings_of(preset, *MODEL_SETTINGS, "eval", "generate.instruction", "generate.shard_size"),
                 "domain": recorded(domain)}  # a domain, or a verifier's name: what grades

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from budget_reasoner.config import Preset
-from budget_reasoner.domains import Domain, get_domain, recorded
+from budget_reasoner.domains import Domain, get_domain, recorded, with_instruction
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.generate.decontaminate import decontaminate, deduplicate
 from budget_reasoner.hardware import PeakMemory
 from budget_reasoner.io import (COMPLETE, add_session, claim_stage, mark_complete, read_json, read_jsonl, read_shards,
                                 settings_of, shard_path, write_json, write_jsonl, writes_folder)
-from budget_reasoner.problems import PROBLEM_COLUMNS, PROBLEM_KINDS, load_benchmark, parse_problem_source
+from budget_reasoner.problems import (PROBLEM_COLUMNS, PROBLEM_KINDS, benchmark_domain, load_benchmark,
+                                      parse_problem_source)
 from budget_reasoner.progress import say
 from budget_reasoner.sampling import chat_prompt
 from budget_reasoner.verify import check
@@ -55,18 +56,27 @@ def write_problems(folder: Path, preset: Preset, domain: Domain | str = "math", 
     if claim_stage(folder, "problems", {}, {"problems": settings}, overwrite, record=COMPLETE) is not None:
         return (read_jsonl(folder / "train.jsonl", PROBLEM_COLUMNS, PROBLEM_KINDS),
                 read_jsonl(folder / "held_out.jsonl", PROBLEM_COLUMNS, PROBLEM_KINDS))
-    gen = preset.generate
-    train_rows, held_rows = get_domain(domain).splits(gen.num_train_problems, gen.num_eval_problems, gen.seed,
-                                                      gen.min_steps, gen.max_steps)
+    gen, domain = preset.generate, get_domain(domain)
+    train_rows, held_rows = domain.splits(gen.num_train_problems, gen.num_eval_problems, gen.seed, gen.min_steps,
+                                          gen.max_steps)
+    seed_sets = [spec for spec in gen.seed_sets if graded_alike(spec, domain)]
+    if left_out := [spec for spec in gen.seed_sets if spec not in seed_sets]:
+        say(f"problems: seed set(s) {', '.join(left_out)} left out: graded otherwise than domain {domain.name}'s "
+            f"answers, none of their chains could be verified")
     seeds = [{key: row[key] for key in PROBLEM_COLUMNS}
-             for spec in gen.seed_sets for row in load_benchmark(*parse_problem_source(spec), train=True)]
+             for spec in seed_sets for row in load_benchmark(*parse_problem_source(spec), train=True)]
     if 0 < gen.num_seed_problems < len(seeds):
         seeds = random.Random(gen.seed).sample(seeds, gen.num_seed_problems)
     train_rows, duplicates = deduplicate(train_rows + seeds)
+    drawn = len(train_rows)
     references = {"held-out": [row["question"] for row in held_rows]}
-    for spec in gen.decontaminate:
+    for spec in dict.fromkeys([*gen.decontaminate, *domain.decontaminate]):  # the preset's sets and the domain's own
         references[spec] = [row["question"] for row in load_benchmark(*parse_problem_source(spec))]
     train_rows, removed = decontaminate(train_rows, references)
+    if drawn and not train_rows:  # nothing left to train on: say why before a teacher is asked for nothing
+        raise BudgetReasonerError(f"problems: all {drawn} training problems overlap (13-gram) "
+                                  f"{', '.join(f'{name} ({count})' for name, count in removed.items() if count)}; "
+                                  f"train on problems that are not these sets'")
     write_jsonl(folder / "train.jsonl", train_rows)
     write_jsonl(folder / "held_out.jsonl", held_rows)
     mark_complete(folder, {"settings": settings, "train": len(train_rows), "duplicates_dropped": duplicates,
@@ -75,6 +85,19 @@ def write_problems(folder: Path, preset: Preset, domain: Domain | str = "math", 
         say(f"problems: {len(train_rows)} for training; dropped {duplicates} repeats and "
             f"{', '.join(f'{count} overlapping {name}' for name, count in removed.items())}")
     return train_rows, held_rows
+
+
+STRUCTURED_VERIFIERS = ("code", "choice", "logic")  # answers of one form: test code, a letter, an assignment
+
+
+def graded_alike(seed_set: str, domain: Domain) -> bool:
+    """Whether a seed set's problems (graded by their benchmark's verifier: GSM8K's by math, MBPP's by code) can be
+    verified by the domain's: the same verifier, or two that both read a plain final answer (math, numeric, exact,
+    regex). A domain module's own check() is trusted with any."""
+    theirs, ours = benchmark_domain(parse_problem_source(seed_set)[0]), domain.verifier
+    if not isinstance(ours, str) or theirs == ours:
+        return True
+    return theirs not in STRUCTURED_VERIFIERS and ours not in STRUCTURED_VERIFIERS
 
 
 @writes_folder("out")
@@ -91,6 +114,7 @@ def generate(out: Path, preset: Preset, teacher, domain: Domain | str = "math", 
     `allow_none_verified`: a weak student's self-play samples may truly have none.
     """
     out = Path(out)
+    preset = with_instruction(preset, get_domain(domain))  # the domain's instruction (code: its own), as quickstart's
     generate_settings = {key: value for key, value in settings_of(preset, "generate")["generate"].items()
                          if key not in TRANSPORT_SETTINGS}
     domain = get_domain(domain)
