@@ -205,6 +205,7 @@ class GenerateConfig:
     num_seed_problems: int = 0  # a seeded sample of that many seed problems; 0 takes them all
     # sets no training problem may overlap (13-gram), in the same form; the held-out split always is one
     decontaminate: list[str] = field(default_factory=list)
+    tools: bool = False  # the chains may call tools: python blocks run in the sandbox, their output appended (tools.py)
 
 
 @dataclass
@@ -219,6 +220,17 @@ class EvalConfig:
     # benchmarks every stage is also evaluated on in quickstart: "gsm8k" (hub test split) or "gsm8k=PATH_OR_ID"
     benchmarks: list[str] = field(default_factory=list)
     benchmark_problems: int = 0  # a seeded sample of that many problems per benchmark; 0 takes them all
+    tools: bool = False  # answer with tool calls run, as generate.tools (`eval --tools`)
+
+
+@dataclass
+class ToolsConfig:
+    """How a chain's tool calls run (tools.py), for generate.tools and eval.tools alike."""
+
+    max_calls: int = 4  # calls run per completion; the next one ends the chain
+    timeout_s: float = 2.0  # wall clock per call: a hang becomes the output "timeout after 2 s"
+    output_bytes: int = 512  # what a call's output block keeps: a flood becomes "output cut at 512 bytes"
+    memory_mb: int = 512  # address space per call
 
 
 @dataclass
@@ -239,6 +251,7 @@ class Preset:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     opd: OpdConfig = field(default_factory=OpdConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,6 +343,7 @@ RULES: dict[type, dict[str, Rule]] = {
     EvalConfig: {"maj_k": POSITIVE, "temperature": NON_NEGATIVE, "max_new_tokens": POSITIVE, "batch_size": POSITIVE,
                  "think_budget": NON_NEGATIVE, "min_think_tokens": NON_NEGATIVE, "max_waits": NON_NEGATIVE,
                  "benchmark_problems": NON_NEGATIVE},
+    ToolsConfig: {"max_calls": POSITIVE, "timeout_s": above(0), "output_bytes": POSITIVE, "memory_mb": at_least(64)},
 }
 
 
@@ -363,6 +377,8 @@ CROSS_RULES: list[tuple[str, Callable[[Preset], bool], str]] = [
      "false when the scoring teacher is a server (openai:...): streaming reads a local checkpoint"),
     ("eval.min_think_tokens", lambda p: p.eval.think_budget == 0 or p.eval.min_think_tokens <= p.eval.think_budget,
      "<= eval.think_budget"),
+    ("eval.tools", lambda p: not (p.eval.tools and p.eval.think_budget > 0),
+     "false when eval.think_budget > 0 (budget forcing runs no tool calls)"),
     *_tiny_shape_rules("tiny_student"),
     *_tiny_shape_rules("tiny_teacher"),
 ]

@@ -5,9 +5,10 @@ best-of-N ranks by)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from budget_reasoner.progress import progress_bar
 from budget_reasoner.sampling import Generated
@@ -38,6 +39,34 @@ class ChosenTokenLogprobs(LogitsProcessor):
             self.chosen.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
             self.previous = None
         return torch.stack(self.chosen, 1)
+
+
+class TextStop(StoppingCriteria):
+    """Ends a row once `done(the text it generated)` holds: a tool call's closing fence (tools.py), which no token
+    id marks. Each row's text grows by its newest token, decoded alone (special tokens, the padding of finished
+    rows among them, add nothing); `done` is asked only when that token holds a newline, as a fence line ends in
+    one. `lengths` are then the tokens each row generated up to and including the one that made `done` true."""
+
+    def __init__(self, tokenizer, prompt_length: int, done: Callable[[str], bool]):
+        self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
+        self.texts: list[str] = []
+        self.stopped_at: list[int | None] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if not self.texts:
+            self.texts, self.stopped_at = [""] * input_ids.shape[0], [None] * input_ids.shape[0]
+        step = input_ids.shape[1] - self.prompt_length
+        pieces = self.tokenizer.batch_decode(input_ids[:, -1:], skip_special_tokens=True)
+        for row, piece in enumerate(pieces):
+            if self.stopped_at[row] is None and piece:
+                self.texts[row] += piece
+                if "\n" in piece and self.done(self.texts[row]):
+                    self.stopped_at[row] = step
+        return torch.tensor([at is not None for at in self.stopped_at], device=input_ids.device)
+
+    def lengths(self, generated: int, device) -> torch.Tensor:
+        """Per row: where it stopped, or `generated` (all it has) when it did not stop here."""
+        return torch.tensor([generated if at is None else at for at in self.stopped_at] or [generated], device=device)
 
 
 def sampling_config(tokenizer, max_new_tokens: int, temperature: float, num_samples: int, stops: list[int]) -> GenerationConfig:
@@ -81,12 +110,12 @@ def checkpoint_defaults_off(model):
 @torch.no_grad()
 def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
                    num_samples: int = 1, seed: int = 0, stop_ids: list[int] | None = None,
-                   description: str = "generate") -> list[list[Generated]]:
+                   description: str = "generate", stop_when: Callable[[str], bool] | None = None) -> list[list[Generated]]:
     """`num_samples` continuations of each raw text (greedy when temperature is 0), in the input order.
 
     Batched by length: the texts are sorted by their token count, so a batch holds prompts of about one length and
     pads (and attends over padding) little, then the results are put back in input order. Special tokens are
-    dropped from the output.
+    dropped from the output. `stop_when(text)` also ends a row, once its generated text makes it true (TextStop).
     """
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
@@ -106,13 +135,17 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
                 chunk = order[start : start + prompts_per_batch]
                 batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 recorder = ChosenTokenLogprobs(temperature)
+                text_stop = TextStop(tokenizer, batch["input_ids"].shape[1], stop_when) if stop_when else None
                 with checkpoint_defaults_off(model):
-                    sequences = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList([recorder]))
+                    sequences = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList([recorder]),
+                                               stopping_criteria=StoppingCriteriaList([text_stop] if text_stop else []))
                 new_tokens = sequences[:, batch["input_ids"].shape[1] :]
                 logprobs = recorder.finish(sequences)
                 # generated = up to and including the first stop token (padding follows it; the pad id may equal EOS)
                 is_stop = torch.isin(new_tokens, torch.tensor(stops, device=device))
                 counts = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, new_tokens.shape[1])
+                if text_stop is not None:
+                    counts = torch.minimum(counts, text_stop.lengths(new_tokens.shape[1], device))
                 generated = torch.arange(new_tokens.shape[1], device=device) < counts[:, None]
                 means = (torch.where(generated, logprobs, 0.0).sum(1) / counts.clamp_min(1)).tolist()
                 decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -286,6 +286,15 @@ def describe(error: BaseException, code: str) -> str:
     return text
 
 
+def flush_quietly() -> None:
+    """Flush the program's buffered output; a closed or broken stream is no verdict of its own."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+
+
 def main() -> None:
     with open(JOB) as handle:
         job = json.load(handle)
@@ -309,12 +318,14 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     except SystemExit as error:
+        flush_quietly()  # os._exit skips it: what the program printed before it stopped belongs in its output
         report(exit=f"exit({error.code!r}) before the end")
         os._exit(4)
     except MemoryError:
         report(error="MemoryError")
         os._exit(5)
     except BaseException as error:  # noqa: BLE001 - whatever the program raised is its verdict
+        flush_quietly()
         report(error=describe(error, code))
         os._exit(1)
     report(finished=sentinel)
