@@ -33,6 +33,9 @@ PROBLEMS_FILE_HELP = ("Your own problems instead of the domain's: a .jsonl, .csv
 COLUMNS_HELP = "Your file's column names, e.g. question=prompt,answer=solution (default: question, answer)."
 VERIFIER_HELP = ("Grade with this verifier instead of the domain's: math, numeric, exact, choice, logic, code, or "
                  "regex:PATTERN (the answer is the pattern's last match, its first group if it has one).")
+TOOLS_HELP = ("Chains that call tools: each ```python block a chain writes runs in the code sandbox as it is written, "
+              "its output appended in an ```output block before the chain goes on (limits: --set tools.max_calls, "
+              "tools.timeout_s, tools.output_bytes). Local models only.")
 OVERWRITE_HELP = ("Delete what --out holds and start over. Without it, a rerun resumes only a folder made from the same "
                   "inputs and settings (its fingerprint.json), and refuses any other in one line.")
 
@@ -233,6 +236,7 @@ def generate(
     token_price: Optional[str] = typer.Option(None, help="An API teacher's prices, USD per million prompt and completion "
                                                          "tokens, as IN,OUT (e.g. 0.15,0.60): the stage record prices "
                                                          "the tokens the server counted."),
+    tools: Optional[bool] = typer.Option(None, "--tools/--no-tools", help=TOOLS_HELP + " Sets generate.tools."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
@@ -241,7 +245,7 @@ def generate(
     if (teacher is None) == (sampler is None):
         raise BudgetReasonerError("generate needs one of --teacher MODEL or --sampler STAGE_DIR")
     price = _token_price(token_price)
-    settings = _preset(preset, set_)
+    settings = _preset(preset, set_, {"generate.tools": tools})
     domain = _domain(domain, problems, columns, verifier)
     from budget_reasoner.generate import generate as run_generate
     from budget_reasoner.hardware import hardware_for
@@ -421,13 +425,16 @@ def eval_command(
     think_budget: Optional[int] = typer.Option(None, min=0, help="Budget forcing: cap the thinking at this many tokens (0: off)."),
     min_think: Optional[int] = typer.Option(None, min=0, help="Budget forcing: append 'Wait' when thinking stops earlier."),
     max_waits: Optional[int] = typer.Option(None, min=0, help="Budget forcing: at most this many 'Wait's."),
+    tools: Optional[bool] = typer.Option(None, "--tools/--no-tools", help=TOOLS_HELP + " Sets eval.tools; the summary "
+                                                                      "counts the calls per problem."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Held-out accuracy with test-time compute: greedy or budget-forced, pass@k, majority vote, best-of-N."""
     settings = _preset(preset, set_, {"eval.maj_k": samples, "eval.think_budget": think_budget,
-                                      "eval.min_think_tokens": min_think, "eval.max_waits": max_waits})
+                                      "eval.min_think_tokens": min_think, "eval.max_waits": max_waits,
+                                      "eval.tools": tools})
     from budget_reasoner.eval.run import evaluate
     from budget_reasoner.problems import benchmark_domain, load_benchmark
 

@@ -24,7 +24,7 @@ import torch
 
 from budget_reasoner.calibrate import over_budget, plan_quickstart, still_to_run
 from budget_reasoner.config import Preset
-from budget_reasoner.domains import Domain, get_domain, recorded, with_instruction
+from budget_reasoner.domains import Domain, get_domain, recorded, with_instruction, with_tools
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import evaluate, load_for_inference
 from budget_reasoner.generate import generate
@@ -148,11 +148,17 @@ class LocalTeacher:
         self._preset, self._hardware, self._teacher = preset, hardware, None
 
     def sample(self, *args, **kwargs):
+        return self._loaded().sample(*args, **kwargs)
+
+    def sample_with_tools(self, *args, **kwargs):
+        return self._loaded().sample_with_tools(*args, **kwargs)
+
+    def _loaded(self) -> TransformersTeacher:
         if self._teacher is None:
             model, tokenizer = load_for_inference(self.source, self._preset, self._hardware)
             self._teacher = TransformersTeacher(model, tokenizer, self.name, self._preset.generate.batch_size)
             self.device = self._teacher.device
-        return self._teacher.sample(*args, **kwargs)
+        return self._teacher
 
 
 @writes_folder("out")
@@ -177,7 +183,7 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
     domain = get_domain(domain)  # a name, a .py file, or a Domain built with --problems/--verifier (domains/)
     if needs_bootstrap(preset):
         domain.require_offline()  # a domain without an offline world (choice) is refused before anything runs
-    preset = with_instruction(preset, domain)
+    preset = with_tools(with_instruction(preset, domain), domain)  # bignum's chains call tools: generate and eval run them
     if rl not in RL_STAGES:
         raise BudgetReasonerError(f"--rl must be one of {', '.join(RL_STAGES)}, got {rl!r}")
     if rounds < 1:

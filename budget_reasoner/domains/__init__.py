@@ -1,4 +1,4 @@
-"""Narrow domains: one module each, behind one interface. `--domain NAME` takes a built-in (math, logic, choice);
+"""Narrow domains: one module each, behind one interface. `--domain NAME` takes a built-in (math, logic, choice, bignum);
 `--domain PATH.py` loads a user's module from that file. A domain module defines:
 
   How a completion is graded (required, one of the two):
@@ -35,6 +35,8 @@
     def rejected_prefix(completion) -> str
                                the step checker: a rejected chain cut just after its first wrong step, so DPO
                                lowers only the error (math checks each `a op b = c` line)
+    TOOLS = True               its chains call tools (tools.py): quickstart turns generate.tools and eval.tools
+                               on for it, and the offline teacher's check runs its calls (default False)
 
   The offline world (preset cpu-tiny: teacher and student base trained from scratch) needs two more pieces,
   or NO_OFFLINE_WORLD = "why not" (one line: what the domain needs instead) to refuse it before anything runs:
@@ -64,7 +66,7 @@ from budget_reasoner.errors import BudgetReasonerError
 
 BUILT_IN = {"math": "budget_reasoner.domains.math", "logic": "budget_reasoner.domains.logic",
             "code": "budget_reasoner.domains.code",
-            "choice": "budget_reasoner.domains.choice"}
+            "choice": "budget_reasoner.domains.choice", "bignum": "budget_reasoner.domains.bignum"}
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out split's own seed: never the training split's
 
 
@@ -129,6 +131,7 @@ class Domain:
     decontaminate: tuple[str, ...] = ()  # the domain's own benchmarks (DECONTAMINATE)
     rejected_prefix: Callable | None = None
     single_steps: Callable | None = None
+    tools: bool = False  # its chains call tools (the module's TOOLS)
     read_problems: Callable | None = None  # the domain's reader of a problems file (default: question/answer columns)
     no_offline_world: str = ""  # why the domain has no offline world (refused in one line), or nothing
 
@@ -344,6 +347,9 @@ def from_module(module, origin: str, default_name: str, needs_source: bool = Tru
                         f"{origin}: no problem source: define make_problems(count, seed, min_steps, max_steps, "
                         f"exclude) or set PROBLEMS = 'problems.jsonl' (or pass --problems FILE)")
     rejected_prefix, single_steps = callable_or_none("rejected_prefix"), callable_or_none("single_steps")
+    tools = get("TOOLS") or False
+    if not isinstance(tools, bool):
+        problems.append(f"{origin}: TOOLS must be True or False, got {tools!r}")
     no_offline_world = get("NO_OFFLINE_WORLD") or ""
     if not isinstance(no_offline_world, str):
         problems.append(f"{origin}: NO_OFFLINE_WORLD must be text (why the domain has none), got "
@@ -360,7 +366,15 @@ def from_module(module, origin: str, default_name: str, needs_source: bool = Tru
                   own_instruction=own_instruction is True, decontaminate=tuple(decontaminate),
                   make_splits=make_splits, problems=problem_file, instruction=instruction,
                   rejected_prefix=rejected_prefix, single_steps=single_steps, read_problems=read_problems,
+                  tools=tools is True,
                   no_offline_world=no_offline_world if isinstance(no_offline_world, str) else "")
+
+
+def with_tools(preset, domain: Domain):
+    """`preset` with generate.tools and eval.tools on when the domain's chains call tools (quickstart)."""
+    if not domain.tools or (preset.generate.tools and preset.eval.tools):
+        return preset
+    return replace(preset, generate=replace(preset.generate, tools=True), eval=replace(preset.eval, tools=True))
 
 
 def with_instruction(preset, domain: Domain | str):

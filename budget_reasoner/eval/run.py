@@ -25,6 +25,7 @@ from budget_reasoner.progress import say
 from budget_reasoner.sampling import chat_prompt
 from budget_reasoner.sampling.local import generate_texts, prompt_texts
 from budget_reasoner.stages import check_adapter, stage_model_paths, tokenizer_of
+from budget_reasoner.tools import calls_in
 from budget_reasoner.verify import ballot, equivalent, grade_many
 
 
@@ -61,6 +62,10 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
     problems = read_jsonl(problems_file, PROBLEM_COLUMNS, PROBLEM_KINDS)  # bad rows: one line, nothing claimed
     settings = {**settings_of(preset, *MODEL_SETTINGS, "eval", "generate.instruction", "generate.shard_size"),
                 "domain": recorded(domain)}  # a domain, or a verifier's name: what grades
+    if preset.eval.tools:  # how the calls ran changes the answers
+        settings |= settings_of(preset, "tools")
+    else:
+        settings["eval"].pop("tools")  # folders made before tools existed keep their fingerprint
     if (record := claim_stage(out, "eval", {"model": model_or_stage, "problems": problems_file}, settings, overwrite,
                               record="summary.json", keep=[problems_file])) is not None:
         return record
@@ -85,6 +90,9 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
                 answers = _generate_answers(model, tokenizer, prompts, prompt_texts(tokenizer, prompts), preset,
                                             label, seed=preset.seed + index)
                 shard_rows = result_rows(domain, shard, *answers)
+                if preset.eval.tools:  # the calls the first answer ran (its output blocks)
+                    for row in shard_rows:
+                        row["tool_calls"] = calls_in(row["completion"])
                 write_jsonl(path, shard_rows)
                 rows += shard_rows
     finally:  # every session that answered is kept, an interrupted one's too; the summary reports the sum and the max
@@ -102,6 +110,8 @@ def evaluate(model_or_stage: str | Path, problems_file: Path, out: Path, preset:
         }
     if preset.eval.think_budget > 0:
         summary["think_budget"] = preset.eval.think_budget
+    if preset.eval.tools:  # the first answer's calls, per problem
+        summary["tool_calls_per_problem"] = mean([r.get("tool_calls", 0) for r in rows])
     if questions is not None and (cut := sum(q != p["question"] for q, p in zip(questions, problems))):
         summary["questions_cut"] = cut  # to fit the model's context (fit_questions)
     summary |= {"device": hardware.describe(), **compute,
@@ -191,6 +201,8 @@ def result_row(domain: str, problem: dict, completion: str, tokens: int, samples
         clusters = cluster_answers(answers, lambda a, b: equivalent(domain, a, b), correct)
         majority = vote(answers, clusters, correct)
         best = best_of_n(list(range(len(samples))), [s.mean_logprob for s in samples])
+        if hasattr(samples[0], "tool_calls"):  # eval.tools
+            row["sample_tool_calls"] = [s.tool_calls for s in samples]
         row |= {"samples": texts, "sample_tokens": [s.tokens for s in samples], "samples_correct": correct,
                 "sample_answers": answers, "sample_clusters": clusters, "votes": majority.tally,
                 "majority_answer": majority.answer, "majority_correct": majority.correct,
@@ -199,11 +211,25 @@ def result_row(domain: str, problem: dict, completion: str, tokens: int, samples
 
 
 COUNTS = ("tokens_per_problem", "reference_errors", "think_budget", "questions_cut")  # summary numbers that are not fractions
+RATES = ("tool_calls_per_problem",)  # ... nor whole numbers
 
 
 def _generate_answers(model, tokenizer, prompts, texts, preset: Preset, label: str, seed: int):
-    """The first answer per problem (greedy, or budget-forced) with its tokens, and `eval.maj_k` samples each."""
+    """The first answer per problem (greedy, or budget-forced) with its tokens, and `eval.maj_k` samples each; with
+    eval.tools, every answer's python blocks run as it writes them (tools.py)."""
     settings = preset.eval
+    if settings.tools:  # every answer written with its calls run (tools.py), the samples' too
+        from budget_reasoner.tools import complete_with_tools, local_generator, settings_of as tool_settings
+
+        tools = tool_settings(preset.tools)
+        greedy = complete_with_tools(local_generator(model, tokenizer, settings.batch_size, 0.0, f"{label} greedy + tools"),
+                                     texts, 1, settings.max_new_tokens, seed, tools)
+        sampled = [[] for _ in prompts]
+        if settings.maj_k > 1:
+            sampler = local_generator(model, tokenizer, settings.batch_size, settings.temperature,
+                                      f"{label} {settings.maj_k} samples + tools")
+            sampled = complete_with_tools(sampler, texts, settings.maj_k, settings.max_new_tokens, seed, tools)
+        return [g[0].text for g in greedy], [g[0].tokens for g in greedy], sampled
     if settings.think_budget > 0:
         first, first_tokens = generate_with_budget(model, tokenizer, prompts, settings.think_budget, settings.batch_size,
                                                    settings.min_think_tokens, settings.max_waits,
@@ -224,8 +250,8 @@ def summary_table(summary: dict) -> str:
     metrics = [key for key in summary if key not in ("model", "problems", "seconds", "tokens", "peak_memory_bytes")
                and isinstance(summary[key], (int, float))]
     header = "| model | problems | " + " | ".join(metrics) + " |"
-    values = " | ".join(f"{summary[m]:,.0f}" if m in COUNTS else f"{summary[m]:.1%}" if isinstance(summary[m], float)
-                        else str(summary[m]) for m in metrics)
+    values = " | ".join(f"{summary[m]:,.0f}" if m in COUNTS else f"{summary[m]:.2f}" if m in RATES
+                        else f"{summary[m]:.1%}" if isinstance(summary[m], float) else str(summary[m]) for m in metrics)
     return f"{header}\n|---|---|{'---|' * len(metrics)}\n| {summary['model']} | {summary['problems']} | {values} |\n"
 
 

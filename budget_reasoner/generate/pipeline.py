@@ -15,6 +15,7 @@ import random
 import time
 from pathlib import Path
 
+from budget_reasoner import tools
 from budget_reasoner.config import Preset
 from budget_reasoner.domains import Domain, get_domain, recorded, with_instruction
 from budget_reasoner.errors import BudgetReasonerError
@@ -116,9 +117,16 @@ def generate(out: Path, preset: Preset, teacher, domain: Domain | str = "math", 
     out = Path(out)
     preset = with_instruction(preset, get_domain(domain))  # the domain's instruction (code: its own), as quickstart's
     generate_settings = {key: value for key, value in settings_of(preset, "generate")["generate"].items()
-                         if key not in TRANSPORT_SETTINGS}
+                         if key not in TRANSPORT_SETTINGS and not (key == "tools" and not value)}  # as before tools
     domain = get_domain(domain)
     settings = {"generate": generate_settings, "domain": recorded(domain)}
+    if preset.generate.tools:  # how the calls ran changes the chains
+        settings |= settings_of(preset, "tools")
+        if not hasattr(teacher, "sample_with_tools"):
+            raise BudgetReasonerError(f"generate.tools: teacher {teacher.name} cannot run tool calls; they run on a local "
+                                      f"model (a path or hub id), not on an openai: server")
+    elif getattr(domain, "tools", False):
+        say(f"generate: domain {domain.name}'s chains call tools, which run only with generate.tools (--tools)")
     if (record := claim_stage(out, "generate", {"teacher": getattr(teacher, "source", None) or f"teacher:{teacher.name}"},
                               settings, overwrite, record=COMPLETE)) is not None:
         return record
@@ -130,7 +138,8 @@ def generate(out: Path, preset: Preset, teacher, domain: Domain | str = "math", 
     peak = PeakMemory(device or "cpu")
     try:
         with peak:
-            _sample_shards(problems, chains_dir, gen, teacher, domain)
+            _sample_shards(problems, chains_dir, gen, teacher, domain,
+                           tools.settings_of(preset.tools) if gen.tools else None)
     finally:  # an interrupted session's compute counts too
         compute = add_session(out, time.time() - started, peak.bytes if device else None)
     chains = read_shards(chains_dir, CHAIN_COLUMNS, CHAIN_KINDS)
@@ -149,6 +158,7 @@ def generate(out: Path, preset: Preset, teacher, domain: Domain | str = "math", 
         "sft_examples": len(sft_rows),
         "pairs": len(pair_rows),
         "tokens": sum(row.get("tokens") or 0 for row in chains),  # generated (a server's: from its `usage`)
+        **(tool_counts(chains) if gen.tools else {}),
         "prompt_tokens": sum(row.get("prompt_tokens") or 0 for row in chains),  # a server's, as it billed them
         "device": device or "server",
         **compute,  # seconds summed over sessions, peak the highest
@@ -163,8 +173,9 @@ def generate(out: Path, preset: Preset, teacher, domain: Domain | str = "math", 
     return summary
 
 
-def _sample_shards(problems: list[dict], chains_dir: Path, gen, teacher, domain: str) -> None:
-    """Sample and verify the chains of each shard of problems not yet on disk."""
+def _sample_shards(problems: list[dict], chains_dir: Path, gen, teacher, domain: str, tool_settings=None) -> None:
+    """Sample and verify the chains of each shard of problems not yet on disk (`tool_settings`: tools.ToolSettings
+    when generate.tools)."""
     for index, start in enumerate(range(0, len(problems), gen.shard_size)):
         path = shard_path(chains_dir, index)
         if path.exists():
@@ -172,8 +183,12 @@ def _sample_shards(problems: list[dict], chains_dir: Path, gen, teacher, domain:
         shard = problems[start : start + gen.shard_size]
         prompts = [chat_prompt(p["question"], gen.instruction) for p in shard]
         try:
-            samples = teacher.sample(prompts, gen.samples_per_problem, gen.temperature, gen.max_new_tokens,
-                                     seed=gen.seed + index)
+            if gen.tools:  # the chains' python blocks run in the sandbox as they are written (tools.py)
+                samples = teacher.sample_with_tools(prompts, gen.samples_per_problem, gen.temperature,
+                                                    gen.max_new_tokens, seed=gen.seed + index, tools=tool_settings)
+            else:
+                samples = teacher.sample(prompts, gen.samples_per_problem, gen.temperature, gen.max_new_tokens,
+                                         seed=gen.seed + index)
         except BudgetReasonerError as error:  # a server that stopped answering: say what is safe on disk
             raise BudgetReasonerError(f"{error}; {index} finished shard(s) of chains kept in {chains_dir}, the same "
                                       f"command resumes after them") from None
@@ -187,9 +202,19 @@ def chain_row(problem: dict, sample, index: int, teacher: str, domain: str) -> d
     """One sampled chain with the verifier's verdict; `tokens` (generated) and `prompt_tokens` (a server's billed
     prompt tokens, this chain's share of its request's) when the teacher counted them."""
     completion = getattr(sample, "text", sample)
-    return {"id": problem["id"], "question": problem["question"], "answer": problem["answer"], "completion": completion,
-            "correct": check(domain, completion, problem["answer"]), "teacher": teacher, "sample_index": index,
-            "tokens": getattr(sample, "tokens", None), "prompt_tokens": getattr(sample, "prompt_tokens", None)}
+    row = {"id": problem["id"], "question": problem["question"], "answer": problem["answer"], "completion": completion,
+           "correct": check(domain, completion, problem["answer"]), "teacher": teacher, "sample_index": index,
+           "tokens": getattr(sample, "tokens", None), "prompt_tokens": getattr(sample, "prompt_tokens", None)}
+    if hasattr(sample, "tool_calls"):  # generate.tools: the calls it ran, and how many of them failed
+        row |= {"tool_calls": sample.tool_calls, "tool_failures": sample.tool_failures}
+    return row
+
+
+def tool_counts(chains: list[dict]) -> dict:
+    """The summary's tool-call counts: per chain on average, and the share of calls that failed."""
+    calls = sum(row.get("tool_calls") or 0 for row in chains)
+    return {"tool_calls_per_chain": calls / max(1, len(chains)),
+            "tool_calls_failed": sum(row.get("tool_failures") or 0 for row in chains) / max(1, calls)}
 
 
 def _by_problem(chains: list[dict]) -> dict[str, list[dict]]:

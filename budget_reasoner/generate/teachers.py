@@ -28,6 +28,14 @@ class TransformersTeacher:
         return generate_texts(self.model, self.tokenizer, prompt_texts(self.tokenizer, prompts), max_new_tokens, self.batch_size,
                               temperature=temperature, num_samples=num_samples, seed=seed, description="teacher chains")
 
+    def sample_with_tools(self, prompts: list[list[dict]], num_samples: int, temperature: float, max_new_tokens: int,
+                          seed: int, tools) -> list[list[Generated]]:
+        """As `sample`, each chain's tool calls run as it writes them (tools.py; `tools` a tools.ToolSettings)."""
+        from budget_reasoner.tools import sample_locally
+
+        return sample_locally(self.model, self.tokenizer, prompts, num_samples, temperature, max_new_tokens, seed,
+                              self.batch_size, tools, description="teacher chains with tools")
+
 
 class OpenAITeacher(ServerSampler):
     """A model on an OpenAI-compatible server; URL and key from the arguments, else the environment."""

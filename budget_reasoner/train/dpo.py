@@ -44,6 +44,8 @@ def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Pres
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from budget_reasoner.tools import has_observation, mask_observations
+
     rows = read_pairs(pairs_file)
     check_prompt_lengths(tokenizer_of(sft_stage), rows, pairs_file, preset.model.max_length, "model.max_length")
     dataset = Dataset.from_list([{key: row[key] for key in PAIR_COLUMNS} for row in rows])
@@ -54,6 +56,10 @@ def build_dpo_trainer(pairs_file: Path, sft_stage: Path, out: Path, preset: Pres
     args = training_arguments(DPOConfig, preset.dpo, preset, hardware, Path(out), report_to,
                               beta=preset.dpo.beta, max_length=preset.model.max_length, **loss_settings(preset))
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if any(has_observation(row[side][0]["content"]) for row in rows for side in ("chosen", "rejected")):
+        # tool output blocks (tools.py) are the runtime's: out of the completion mask, TRL 1.16's DPOTrainer gives
+        # them -100 labels and leaves them out of both chains' log-probs
+        trainer.data_collator = mask_observations(trainer.data_collator, tokenizer, "completion_mask", 0)
     return trainer, tokenizer, base, len(rows)
 
 

@@ -23,6 +23,8 @@ from budget_reasoner.domains.chain import format_chain, format_direct
 from budget_reasoner.models import build_tiny_model, build_tokenizer
 from budget_reasoner.progress import progress_bar, say
 from budget_reasoner.sampling.local import generate_texts, prompt_texts
+from budget_reasoner.tools import (ToolSettings, complete_with_tools, has_observation, local_generator, mask_encoded,
+                                   settings_of)
 from budget_reasoner.train.common import encode_prompt_completion, pad_batch
 from budget_reasoner.verify import extract_answer
 
@@ -79,6 +81,8 @@ def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps:
     moves the step at which a small model "gets" a task.
     """
     encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": q}], c) for q, c in examples]
+    # a tool call's output block is the runtime's, not the model's to write (tools.py): no loss on it
+    encoded = [mask_encoded(tokenizer, *pair) if has_observation(c) else pair for pair, (_, c) in zip(encoded, examples)]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -134,13 +138,19 @@ def train_from_scratch(model, tokenizer, examples: list[tuple[str, str]], steps:
     return history
 
 
-def greedy_accuracy(tokenizer, problems: list) -> Callable:
-    """check(model) -> the share of `problems` the model answers right, greedy, in the chain format."""
+def greedy_accuracy(tokenizer, problems: list, tools: ToolSettings | None = None) -> Callable:
+    """check(model) -> the share of `problems` the model answers right, greedy, in the chain format (with `tools`,
+    its tool calls run as it writes them: a domain whose chains call tools)."""
     texts = prompt_texts(tokenizer, [[{"role": "user", "content": p.question}] for p in problems])
     longest = max(len(format_chain(p.steps, p.answer)) for p in problems)  # characters >= tokens
 
     def check(model) -> float:
-        outputs = generate_texts(model, tokenizer, texts, max_new_tokens=longest, batch_size=len(texts), description="check")
+        if tools is not None:
+            outputs = complete_with_tools(local_generator(model, tokenizer, len(texts), 0.0, "check"), texts, 1,
+                                          longest, 0, tools)
+        else:
+            outputs = generate_texts(model, tokenizer, texts, max_new_tokens=longest, batch_size=len(texts),
+                                     description="check")
         # The offline answers are integers: an exact match is the whole verdict, and a half-trained model's
         # garbage never reaches the symbolic grader's timeouts.
         return sum(extract_answer(out.text) == p.answer for (out,), p in zip(outputs, problems)) / len(problems)
@@ -166,7 +176,8 @@ def bootstrap(preset: Preset, models_dir: Path, held_out_questions: set[str],
     log = {}
     for role, examples, steps, shape, check in (
         ("teacher", teacher_data, pretrain.teacher_steps, preset.model.tiny_teacher,
-         greedy_accuracy(tokenizer, check_problems) if pretrain.teacher_target_accuracy > 0 else None),
+         greedy_accuracy(tokenizer, check_problems, settings_of(preset.tools) if domain.tools else None)
+         if pretrain.teacher_target_accuracy > 0 else None),
         ("student-base", student_examples(preset, held_out_questions, domain), pretrain.student_steps,
          preset.model.tiny_student, None),
     ):
