@@ -4,6 +4,7 @@ checkpoint, scored by `LayerStreamedScorer` in a fresh process, its high-water R
 built and warmed up on one tiny batch) against the bound the issue sets: one decoder layer + the batch's hidden states + one LM-head chunk, +10%.
 
     python benchmarks/layer_streaming.py [--config Qwen2.5-0.5B-Instruct] [--layers 4] [--batch 8] [--length 256]
+    python benchmarks/layer_streaming.py --config Qwen2.5-72B-Instruct --layers 2 --write layer_streaming_72b
 writes benchmarks/results/<machine>/layer_streaming.json. tests/test_scoring.py runs the same measurement smaller.
 """
 
@@ -30,7 +31,8 @@ def build_checkpoint(folder: Path, config_name: str, layers: int, dtype: str = "
     spec = json.loads((ROOT / "data" / "model_configs" / f"{config_name}.json").read_text())
     config = AutoConfig.for_model(**{**spec, "num_hidden_layers": layers})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    # built in `dtype` directly: a 72B's layers in fp32 first would take twice the memory of the checkpoint
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     return {"config": config_name, "layers": layers, "dtype": dtype,
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--head-rows", type=int, default=8192)
     parser.add_argument("--shared-cpu", action="store_true", help="another process used the CPUs during the run")
+    parser.add_argument("--write", default="layer_streaming", help="the results file's name")
     args = parser.parse_args()
     from benchmarks.record import write_result
 
@@ -99,7 +102,7 @@ def main() -> None:
     numbers = {"cpu_shared_with_another_process": args.shared_cpu, "model": model,
                "batch": args.batch, "length": args.length, "head_rows": args.head_rows, **measured,
                "within_bound": measured["peak_above_baseline_bytes"] <= measured["bound_bytes"]}
-    path = write_result("layer_streaming", numbers)
+    path = write_result(args.write, numbers)
     print(json.dumps(numbers, indent=2))
     print(f"wrote {path}")
 
