@@ -330,8 +330,9 @@ def opd_command(
     start: str = typer.Option(..., "--from", help="The student: a stage folder (runs/quick/sft) or a base model."),
     problems: Path = typer.Option(..., help="Training problems (JSONL: id, domain, question, answer, source) whose "
                                             "questions the student answers, e.g. runs/quick/data/problems/train.jsonl."),
-    teacher: str = typer.Option(..., help="Teacher model path or hub id that scores every sampled token (must share "
-                                          "the student's tokenizer)."),
+    teacher: str = typer.Option(..., help="Teacher that scores every sampled token, sharing the student's tokenizer: "
+                                          "a model path or hub id (--set distill.stream_layers=true: a layer at a time), "
+                                          "or openai:MODEL on a server with prompt log-probs (BUDGET_REASONER_TEACHER_URL)."),
     out: Path = typer.Option(Path("runs/opd"), help="Output folder for the OPD adapter."),
     domain: str = typer.Option("math", help="The problems' domain (recorded; OPD reads no answers)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),

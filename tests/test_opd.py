@@ -121,7 +121,7 @@ def test_opd_stage_counts_every_sampled_token_once(tiny_run, tiny_preset, tmp_pa
         return results
 
     monkeypatch.setattr(local, "generate_texts", recording)
-    preset = opd_preset(tiny_preset)
+    preset = opd_preset(tiny_preset, objective="sampled")  # the resume test below runs the preset's "topk"
     scorer = CountingScorer(LocalScorer(load_model(out / "models" / "teacher", preset, detect("cpu")), 0))
     record = opd(out / "data" / "problems" / "train.jsonl", out / "sft", scorer, tmp_path / "opd", preset)
     assert record["stage"] == "opd" and (tmp_path / "opd" / "adapter" / "adapter_config.json").is_file()

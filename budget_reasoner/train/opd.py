@@ -4,28 +4,32 @@ toward the teacher where it disagrees on its own samples.
 Each step (Thinking Machines, "On-Policy Distillation", 2025; Agarwal et al., GKD, 2024):
 1. the student (its LoRA adapter on) samples `opd.num_generations` completions for each of the step's training
    problems through the sampling service (`sampling.local.generate_texts`), keeping the sampled token ids;
-2. the teacher scores every sampled token through the scoring service (`scoring.LocalScorer` on a local teacher;
-   any object with `.score(encoded, top_k)` works): its log-prob of the token the student actually sampled;
-3. the student is trained by policy gradient with the per-token reverse-KL advantage
-       A_t = log p_teacher(x_t) - log p_student(x_t)       (x_t the sampled token, discount 0)
-   loss = mean_t sg(-A_t) * (log p_student(x_t) - sg(log p_student(x_t))) + mean_t sg(-A_t),
-   whose gradient is -mean_t A_t grad log p_student(x_t) (tokens the teacher likes more than the student are
-   pushed up, the others down) and whose value is the sampled reverse KL per token, KL(student || teacher),
-   what the history logs as `loss` and `reverse_kl`. The samples are drawn by the weights being trained, one
-   optimizer step per batch, so the importance ratio is 1 and no clipping is needed.
-This is the sampled-token estimator, not a top-k one: the teacher's top-k is never asked to contain the student's
-token. The scorers give the full log-prob of the actual next token (`ScoredSequence.token_logprobs`). A scorer
-that cannot (a server returning only top-k) is still usable: a sampled token inside the teacher's top-k gets its
-log-prob, one outside gets the log of the teacher's whole mass outside its top-k, an upper bound (so the
-advantage is too kind to it), and the record counts those tokens (`outside_topk`).
-`log p_student` is the model's own distribution (temperature 1) in the training forward; `opd.temperature` only
-changes which tokens are sampled. The LM head runs over completion positions only, a chunk at a time under
-activation checkpointing, so no tokens x vocabulary logits are kept for the backward.
+2. the teacher scores every sampled position through the scoring service (`scoring.LocalScorer` on a local
+   teacher, `LayerStreamedScorer` with distill.stream_layers, `ServerScorer` for openai:MODEL; any object with
+   `.score(encoded, top_k)` works): its top-k and its log-prob of the token the student actually sampled;
+3. the student is trained on the reverse KL, KL(student || teacher), at those positions, by one of two objectives
+   (`opd.objective`):
+   - "sampled" (Thinking Machines'): policy gradient with the per-token advantage
+         A_t = log p_teacher(x_t) - log p_student(x_t)        (x_t the sampled token, discount 0)
+     loss = mean_t sg(-A_t) * (log p_student(x_t) - sg(log p_student(x_t))) + mean_t sg(-A_t): its gradient is
+     -mean_t A_t grad log p_student(x_t) (tokens the teacher likes more than the student are pushed up, the others
+     down), its value the sampled reverse KL per token. The samples come from the weights being trained, one
+     optimizer step per batch, so the importance ratio is 1 and nothing is clipped. The teacher's log-prob is of
+     the sampled token itself, in its top-k or not (`ScoredSequence.token_logprobs`); from a scorer that cannot
+     give it, a token outside the top-k gets the log of the teacher's mass outside it, an upper bound, counted
+     (`outside_topk`).
+   - "topk" (GKD's on-policy reverse KL, over buckets): at every sampled position, the exact KL(student || teacher)
+     over the teacher's top-k tokens and the mass outside them (k + 1 buckets, as distill's kd_tail), differentiated
+     through the student's whole softmax: no sampling noise within a position, a lower bound of the full reverse KL.
+   `log p_student` is the model's own distribution (temperature 1) in the training forward; `opd.temperature`
+   only changes which tokens are sampled. The LM head runs over completion positions only, a chunk at a time under
+   activation checkpointing, so no tokens x vocabulary logits are kept for the backward.
 
-Teacher-scored tokens are counted per logged step (`teacher_tokens`, and `teacher_tokens_total` so far) and in all
-(the record's `teacher_tokens`); the counts live in the Trainer's state, so a run resumed from a checkpoint
-continues them. Sampling seeds follow the step, so a resumed run samples what the uninterrupted one would have.
-One process only (the samples, the teacher and the student share a device).
+Teacher-scored tokens (every sampled completion token, one position each) are counted per logged step
+(`teacher_tokens`, and `teacher_tokens_total` so far) and in all (the record's `teacher_tokens`); the counts live
+in the Trainer's state, so a run resumed from a checkpoint continues them. Sampling seeds follow the step, so a
+resumed run samples what the uninterrupted one would have. One process only (the samples, the teacher and the
+student share a device).
 """
 
 from __future__ import annotations
@@ -222,17 +226,32 @@ def opd_trainer_class():
 # ---- the stage ------------------------------------------------------------------------------------------------
 
 def teacher_scorer(teacher, student_tokenizer, preset: Preset, hardware: Hardware):
-    """A scorer for `teacher`: any object with `.score` as it is, else a local model (path or hub id) loaded as
-    the preset loads models, behind `LocalScorer`, after checking it reads tokens as the student does."""
+    """A scorer for `teacher`: any object with `.score` as it is; `openai:MODEL` a served teacher (ServerScorer, at
+    BUDGET_REASONER_TEACHER_URL, sent the student's token ids: it must share the tokenizer, which it checks); else
+    a local checkpoint, whole (LocalScorer) or a decoder layer at a time with distill.stream_layers
+    (LayerStreamedScorer), after checking it reads tokens as the student does."""
     if hasattr(teacher, "score"):
         return teacher
-    from budget_reasoner.models import load_model
-    from budget_reasoner.scoring import LocalScorer
+    from budget_reasoner.scoring import LayerStreamedScorer, LocalScorer, ServerScorer
 
+    teacher = str(teacher)
+    if teacher.startswith("openai:"):
+        import os
+
+        from budget_reasoner.sampling.server import server_url
+
+        settings = preset.generate
+        return ServerScorer(teacher.removeprefix("openai:"), server_url(), student_tokenizer,
+                            os.environ.get("BUDGET_REASONER_TEACHER_KEY", "EMPTY"), settings.request_timeout,
+                            settings.concurrency, settings.max_retries)
     teacher_tokenizer = tokenizer_of(teacher)
     if tokenizer_hash(teacher_tokenizer) != tokenizer_hash(student_tokenizer):
         raise BudgetReasonerError(f"--teacher {teacher}: its tokenizer is not the student's; on-policy distillation scores "
                                   f"the student's own tokens, so the two must share one vocabulary")
+    if preset.distill.stream_layers:
+        return LayerStreamedScorer(teacher, teacher_tokenizer.pad_token_id, preset.model.attention, device=hardware.device)
+    from budget_reasoner.models import load_model
+
     return LocalScorer(load_model(teacher, preset, hardware), teacher_tokenizer.pad_token_id)
 
 
