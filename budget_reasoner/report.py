@@ -61,6 +61,10 @@ def markdown(results: dict) -> str:
         memory = f"{summary['peak_memory_gb']:.2f} GiB" if summary.get("peak_memory_gb") else "-"
         cost = f"${summary['cost_usd']:.4f}" if "cost_usd" in summary else "-"
         lines.append(f"| {name} | {summary['accuracy']:.1%} | {vote} | {train} | {tokens} | {memory} | {cost} |")
+    calls = [(name, summary["tool_calls_per_problem"]) for name, summary in rows if "tool_calls_per_problem" in summary]
+    if calls:  # eval.tools: each greedy answer's python blocks ran in the sandbox
+        lines += ["", "Tool calls per held-out problem (the greedy answer's): "
+                  + ", ".join(f"{name} {count:.2f}" for name, count in calls) + "."]
     for spec, by_stage in (results.get("benchmarks") or {}).items():
         lines += ["", f"Benchmark `{spec}` ({next(iter(by_stage.values()), {}).get('problems', '?')} problems):", "",
                   "| model | accuracy | majority vote |", "|---|---|---|"]
@@ -82,6 +86,9 @@ def markdown(results: dict) -> str:
         lines += ["", f"Generation: {generated.get('chains', 0)} teacher chains for {generated.get('problems', 0)} problems, "
                       f"{generated.get('verified_chains', 0)} verified ({generated.get('teacher_pass_rate', 0):.1%}); "
                       f"{generated.get('sft_examples', 0)} SFT examples, {generated.get('pairs', 0)} preference pairs."]
+        if "tool_calls_per_chain" in generated:  # generate.tools
+            lines[-1] += (f" Tool calls: {generated['tool_calls_per_chain']:.2f} per chain, "
+                          f"{generated['tool_calls_failed']:.1%} of them failed.")
     return "\n".join(lines) + "\n"
 
 
