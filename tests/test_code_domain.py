@@ -4,8 +4,6 @@ completions whose correctness is known by construction (a right function, an off
 function that exits before the tests run); the sandbox decides which chains are kept."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +13,7 @@ from budget_reasoner.domains import get_domain, with_instruction
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.io import read_jsonl, read_shards
 from tests.conftest import invoke, one_error_line
+from tests.loopback_http import JsonHandler, LoopbackServer
 
 PROJECT_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -67,7 +66,7 @@ def task_in(text: str):
     return next(task for task in TASKS if f"{task[0]}(" in text)
 
 
-class CannedCodeServer:
+class CannedCodeServer(LoopbackServer):
     """POST /v1/chat/completions in the shape OpenAI's API reference documents (as tests/test_teachers.py's
     StubServer): `{"id", "object": "chat.completion", "created", "model", "choices": [{"index", "message": {"role",
     "content"}, "finish_reason"}], "usage": {...}}`. Choice i of a request with seed s is KINDS[(s + i) % 4]'s
@@ -77,34 +76,20 @@ class CannedCodeServer:
         self.requests = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.body()
                 server.requests.append(body)
                 task = task_in(body["messages"][-1]["content"])
                 texts = [completion(task, KINDS[(body["seed"] + i) % len(KINDS)]) for i in range(body["n"])]
-                payload = json.dumps({
+                self.reply(200, {
                     "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion", "created": 0,
                     "model": body["model"], "choices": [{"index": i, "message": {"role": "assistant", "content": text},
                                                          "finish_reason": "stop"} for i, text in enumerate(texts)],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 20 * len(texts),
-                              "total_tokens": 10 + 20 * len(texts)}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                              "total_tokens": 10 + 20 * len(texts)}})
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(Handler)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ scoring.py for the files it is read from), its numbers from the tiny offline tea
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -20,13 +19,14 @@ import torch
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.hardware import detect
 from tests.conftest import invoke, one_error_line
+from tests.loopback_http import JsonHandler, LoopbackServer
 from tests.test_scoring import encoded_rows, preset, teacher_and_data  # noqa: F401 - fixtures
 
 SERVED = "tiny-72b"  # the name the stub serves the teacher under (`vllm serve PATH --served-model-name tiny-72b`)
 FAST = {"backoff_seconds": 0.01, "max_backoff_seconds": 0.05}
 
 
-class PromptLogprobServer:
+class PromptLogprobServer(LoopbackServer):
     """POST /v1/completions, GET /v1/models and POST /tokenize as vLLM answers them, from the model in `folder`.
 
     The completion's `prompt_logprobs` (vllm/v1/engine/logprobs.py `_make_logprob_dict`, serialized as
@@ -51,13 +51,13 @@ class PromptLogprobServer:
         self.requests, self.outside_top_k, self.lock = [], 0, threading.Lock()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self):
                 self.reply(200, {"object": "list", "data": [{"id": SERVED, "object": "model", "owned_by": "vllm",
                                                              "root": str(folder), "max_model_len": max_model_len}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.body()
                 if self.path == "/tokenize":
                     tokens = stub.served_tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
                     return self.reply(200, {"count": len(tokens["input_ids"]), "max_model_len": max_model_len,
@@ -85,20 +85,7 @@ class PromptLogprobServer:
             def error(self, status, message, kind):
                 self.reply(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
 
-            def reply(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.start(Handler)
 
     def prompt_logprobs(self, ids: list[int], k: int) -> list:
         with self.lock, torch.no_grad():  # one forward at a time; requests still overlap in flight
@@ -115,10 +102,6 @@ class PromptLogprobServer:
             entries.append({str(i): {"logprob": max(v, -9999.0), "rank": r, "decoded_token": self.tokenizer.decode([i])}
                             for i, (v, r) in made.items()})
         return entries
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

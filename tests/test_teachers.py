@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -14,12 +13,13 @@ from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.generate.teachers import OpenAITeacher
 from budget_reasoner.io import read_shards
 from tests.conftest import TINY, TINY_ARGS, ScriptedTeacher, invoke, one_error_line
+from tests.loopback_http import JsonHandler, LoopbackServer
 
 SECRET = "sk-live-0123456789"
 FAST = {"backoff_seconds": 0.01, "max_backoff_seconds": 0.05}  # retries in milliseconds, not seconds
 
 
-class StubServer:
+class StubServer(LoopbackServer):
     """POST /v1/chat/completions and GET /v1/models as OpenAI's API reference documents them: a `chat.completion`
     object `{"id", "object", "created", "model", "choices": [{"index", "message": {"role", "content"},
     "finish_reason"}], "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}`, a `list` of models
@@ -38,12 +38,12 @@ class StubServer:
         self.lock = threading.Lock()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self):
                 self.reply(200, {"object": "list", "data": [{"id": "served-model", "object": "model", "owned_by": "me"}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.body()
                 with stub.lock:
                     stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                     number = len(stub.requests)
@@ -70,30 +70,13 @@ class StubServer:
                                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                            "total_tokens": prompt_tokens + completion_tokens}})
 
-            def reply(self, status, payload):
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.start(Handler)
 
     def message(self, chain: str) -> dict:
         if not self.reasoning:
             return {"role": "assistant", "content": chain}
         thought, _, answer = chain.partition("</think>\n")
         return {"role": "assistant", "reasoning_content": thought.removeprefix("<think>\n").rstrip("\n"), "content": answer}
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
