@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from budget_reasoner.errors import BudgetReasonerError
 
@@ -73,8 +73,22 @@ def read_jsonl(path: Path, required: Iterable[str] = (), kinds: dict[str, str] |
     if not path.is_file():
         raise BudgetReasonerError(f"{path}: file not found")
     rows, required, kinds = [], list(required), kinds or {}
-    opener = gzip.open if path.suffix == ".gz" else open  # HumanEval is published as .jsonl.gz
-    with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as handle:
+    for line_number, row in jsonl_records(path):
+        missing = [column for column in required if column not in row]
+        if missing:
+            raise BudgetReasonerError(f"{path}: line {line_number}: missing column(s) {', '.join(missing)}")
+        for column, kind in kinds.items():
+            if column in row and (problem := _wrong_kind(row[column], kind)):
+                raise BudgetReasonerError(f"{path}: line {line_number}: column {column!r} {problem}")
+        rows.append(row)
+    return rows
+
+
+def jsonl_records(path: Path, errors: str = "surrogateescape") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file (.gz too: HumanEval is published so); a line
+    that is not a JSON object is one error naming the file and line."""
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors=errors) as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -84,14 +98,7 @@ def read_jsonl(path: Path, required: Iterable[str] = (), kinds: dict[str, str] |
                 raise BudgetReasonerError(f"{path}: line {line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise BudgetReasonerError(f"{path}: line {line_number}: expected a JSON object")
-            missing = [column for column in required if column not in row]
-            if missing:
-                raise BudgetReasonerError(f"{path}: line {line_number}: missing column(s) {', '.join(missing)}")
-            for column, kind in kinds.items():
-                if column in row and (problem := _wrong_kind(row[column], kind)):
-                    raise BudgetReasonerError(f"{path}: line {line_number}: column {column!r} {problem}")
-            rows.append(row)
-    return rows
+            yield line_number, row
 
 
 def _wrong_kind(value, kind: str) -> str | None:

@@ -291,20 +291,9 @@ def _read_table(path: Path) -> tuple[str, list[tuple[int, dict]], list[str]]:
     """(what a row is called in errors, the numbered records, the column names) of a JSONL, CSV or Parquet file."""
     kind = path.suffix.lower()
     if kind == ".jsonl":
-        import json
+        from budget_reasoner.io import jsonl_records
 
-        records = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise BudgetReasonerError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise BudgetReasonerError(f"{path}: line {number}: expected a JSON object")
-                records.append((number, record))
+        records = list(jsonl_records(path, errors="strict"))
         return "line", records, list(dict.fromkeys(name for _, record in records for name in record))
     if kind == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:
