@@ -13,7 +13,8 @@ teacher, and every point is the greedy accuracy on its held-out problems (the sa
   first reach each KD point's count, and at its last step.
 At each KD point the OPD variants are compared with KD on the same problems by McNemar's exact test, pooled over
 seeds; `tokens_to_reach_kd` says how many teacher tokens a variant needed to reach the accuracy KD reaches with all
-its chains (mean over seeds), or null when it never did. The plot: benchmarks/results/<machine>/opd_offline.png.
+its chains (mean over seeds), or null when it never did; `vs_sft`, each method's last point against the SFT start
+(McNemar, pooled). The plot: benchmarks/results/<machine>/opd_offline.png.
 """
 
 import argparse
@@ -125,6 +126,18 @@ def matched(kd: list[dict], opd: list[dict]) -> list[dict]:
     return rows
 
 
+def versus_sft(sft: dict, points: list[dict]) -> dict:
+    """A method's last point (its most teacher tokens) against the SFT start on the same problems, pooled over seeds."""
+    last = max(p["rank"] for p in points)
+    before, after = [], []
+    for point in (p for p in points if p["rank"] == last):
+        ids = sorted(sft)
+        before += [sft[i] for i in ids]
+        after += [point["verdicts"][i] for i in ids]
+    return {"teacher_tokens": statistics.mean(p["teacher_tokens"] for p in points if p["rank"] == last),
+            "accuracy": sum(after) / len(after), **mcnemar(before, after)}
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values),
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
@@ -203,7 +216,8 @@ def main():
               "distill_settings": preset.distill.__dict__, "held_out_problems": sft["problems"],
               "sft_accuracy": sft["accuracy"], "curves": curves,
               "matched": {name: matched(points["kd"], points[name]) for name in VARIANTS},
-              "tokens_to_reach_kd": reach, "points": {name: strip(found) for name, found in points.items()},
+              "tokens_to_reach_kd": reach,
+              "vs_sft": {name: versus_sft(verdicts(args.out / "eval-sft"), found) for name, found in points.items()}, "points": {name: strip(found) for name, found in points.items()},
               "opd_runs": runs}
     print(json.dumps({"curves": {n: [(round(r["teacher_tokens"]["mean"]), round(r["accuracy"]["mean"], 3)) for r in c]
                                  for n, c in curves.items()}, "matched": result["matched"]}, indent=1))
