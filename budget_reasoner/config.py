@@ -252,9 +252,16 @@ class Preset:
     opd: OpdConfig = field(default_factory=OpdConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    # Per-domain settings, dotted as --set takes them: `domains: {logic: {sft.max_steps: 2400}}`. quickstart and
+    # bootstrap apply the entry of their --domain (for_domain), so one preset sizes domains that need other sizes;
+    # a --set of the same key wins over it.
+    domains: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        if not record["domains"]:
+            record.pop("domains")  # a preset without per-domain settings digests as before they existed
+        return record
 
     @property
     def chain_teacher(self) -> str:
@@ -430,12 +437,42 @@ def load_preset(name_or_path: str | Path = "cpu-tiny", overrides: dict[str, Any]
     raw.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value, str(path))
+    domains = raw.get("domains") or {}
+    if not isinstance(domains, dict) or not all(isinstance(entry, dict) for entry in domains.values()):
+        raise BudgetReasonerError(f"{path}: domains must map a domain's name to its settings, e.g. "
+                                  f"{{logic: {{sft.max_steps: 2400}}}}, got {domains!r}")
+    for entry in domains.values():  # what --set names wins over a domain's entry
+        for dotted in overrides or {}:
+            entry.pop(dotted, None)
     source = _Source(str(path), frozenset(overrides or ()))
     preset = _build(Preset, raw, source, "")
+    _check_cross_rules(preset, source)
+    for domain in domains:  # a typo in a domain's entry is one line now, not when that domain runs
+        for_domain(preset, domain, str(path))
+    return preset
+
+
+def _check_cross_rules(preset: Preset, source: _Source) -> None:
     for key, ok, allowed in CROSS_RULES:
         if not ok(preset):
             raise BudgetReasonerError(f"{source.where(key)}: {key} must be {allowed}, got {_lookup(preset, key)!r}")
-    return preset
+
+
+def for_domain(preset: Preset, domain: str, file: str | None = None) -> Preset:
+    """`preset` with its `domains` entry for `domain` applied (checked like the file's own values) and the per-domain
+    entries dropped: what a run of that domain uses, and fingerprints. `file` names the preset in errors."""
+    entry = preset.domains.get(domain) or {}
+    if not preset.domains:
+        return preset
+    raw = preset.to_dict()
+    raw["domains"] = {}
+    where = f"{file or 'preset ' + preset.name} (domains.{domain})"
+    for dotted, value in entry.items():
+        _set_dotted(raw, str(dotted), value, where)
+    source = _Source(where, frozenset())
+    applied = _build(Preset, raw, source, "")
+    _check_cross_rules(applied, source)
+    return applied
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from budget_reasoner.calibrate import over_budget, plan_quickstart, still_to_run
-from budget_reasoner.config import Preset
+from budget_reasoner.config import Preset, for_domain
 from budget_reasoner.domains import Domain, get_domain, recorded, with_instruction, with_tools
 from budget_reasoner.errors import BudgetReasonerError
 from budget_reasoner.eval.run import evaluate, load_for_inference
@@ -61,6 +61,7 @@ def claim_run_folder(out: Path, preset: Preset, domain: str, overwrite: bool = F
 
     With `overwrite`, a folder of another run (or of no run) is emptied first: deleted, not moved aside, and only
     once this process holds its lock (quickstart's caller took it), so a refused run deletes nothing."""
+    preset = for_domain(preset, get_domain(domain, grading_only=True).name)  # as the run uses it
     record = {"preset": preset.name, "domain": recorded(domain), "fingerprint": preset_fingerprint(preset)}
     path = out / "run.json"
     if path.exists() and not overwrite:
@@ -105,6 +106,7 @@ def needs_bootstrap(preset: Preset) -> bool:
 @writes_folder("out")
 def run_bootstrap(out: Path, preset: Preset, domain: Domain | str = "math") -> dict:
     """The offline world's tiny teacher and student base, trained on the domain's problems and steps."""
+    preset = for_domain(preset, get_domain(domain, grading_only=True).name)  # the preset's settings for this domain
     models_dir = out / "models"
     settings = {**settings_of(preset, "seed", "pretrain", "model.tiny_student", "model.tiny_teacher", "model.max_length",
                               "generate.max_new_tokens"), "problems": problem_settings(preset, domain)}
@@ -181,6 +183,7 @@ def quickstart(out: Path, preset: Preset, domain: Domain | str = "math", report_
     is cached or `max_hours` asks for one. A plan over `max_hours` stops here, before anything loads or is written."""
     out = Path(out)
     domain = get_domain(domain)  # a name, a .py file, or a Domain built with --problems/--verifier (domains/)
+    preset = for_domain(preset, domain.name)  # the preset's settings for this domain (its `domains:` entry)
     if needs_bootstrap(preset):
         domain.require_offline()  # a domain without an offline world (choice) is refused before anything runs
     preset = with_tools(with_instruction(preset, domain), domain)  # bignum's chains call tools: generate and eval run them

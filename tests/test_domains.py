@@ -212,3 +212,24 @@ def test_plain_verifiers_by_hand():
     assert verify.check("regex:Answer: (\\w+)", "Answer: no\nAnswer: yes", "yes")
     assert not verify.check("regex:Answer: (\\w+)", "\\boxed{yes}", "yes")
     assert verify.check("regex:[A-D]$", "I pick C", "C")
+
+
+# ---- a preset's per-domain settings ------------------------------------------------------------------------------
+
+def test_a_presets_domain_entry_applies_to_that_domain_only_and_set_wins(tmp_path):
+    from budget_reasoner.config import PRESETS_DIR, for_domain, load_preset
+
+    text = (PRESETS_DIR / "cpu-tiny.yaml").read_text().split("\ndomains:")[0]  # cpu-tiny without its entries
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(text)
+    with_entries = tmp_path / "entries.yaml"
+    with_entries.write_text(text + "\ndomains:\n  logic: {sft.max_steps: 77, dpo.beta: 0.2}\n")
+    preset = load_preset(with_entries)
+    assert for_domain(preset, "logic").sft.max_steps == 77 and for_domain(preset, "logic").dpo.beta == 0.2
+    # another domain's run (math) is the preset as if it had no entries: same values, same fingerprint
+    assert for_domain(preset, "math").to_dict() == load_preset(plain).to_dict()
+    assert for_domain(load_preset(with_entries, {"sft.max_steps": 5}), "logic").sft.max_steps == 5  # --set wins
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text + "\ndomains:\n  logic: {sft.max_stepz: 77}\n")
+    with pytest.raises(BudgetReasonerError, match=r"bad.yaml \(domains.logic\): unknown key 'sft.max_stepz'"):
+        load_preset(bad)
