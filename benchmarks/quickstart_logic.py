@@ -27,6 +27,7 @@ from record import write_result  # noqa: E402
 from reproduce import mcnemar  # noqa: E402
 
 STAGES = ("base", "sft", "dpo", "distill")
+WALL = "benchmark_wall.json"  # what run_seed leaves in the run folder: its wall seconds and the load around it
 TARGET_MINUTES, TARGET_GAIN = 15, 0.20
 
 
@@ -38,14 +39,19 @@ def run_seed(out: Path, preset_name: str, seed: int, threads: int) -> float:
 
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, or the timing would only measure skipped stages
     quiet_libraries()
-    started = time.time()
+    started, load = time.time(), [os.getloadavg()[0]]
     quickstart(out, load_preset(preset_name, {"seed": seed, "threads": threads}), "logic")
-    return time.time() - started
+    wall = time.time() - started
+    (out / WALL).write_text(json.dumps({"wall_seconds": wall, "threads": threads,
+                                        "load_average_1min": load + [os.getloadavg()[0]]}))
+    return wall
 
 
-def summarize(folder: Path, wall_seconds: float | None, load: list[float] | None) -> dict:
-    """One finished run folder: its per-stage accuracy, seconds and verdicts."""
+def summarize(folder: Path) -> dict:
+    """One finished run folder: its per-stage accuracy, seconds and verdicts (and the wall time run_seed kept)."""
     report = json.loads((folder / "report.json").read_text())
+    timing = json.loads((folder / WALL).read_text()) if (folder / WALL).exists() else {}
+    wall_seconds, load = timing.get("wall_seconds"), timing.get("load_average_1min")
     run = json.loads((folder / "run.json").read_text())
     if report.get("domain") != "logic":
         raise SystemExit(f"{folder} is a run of domain {report.get('domain')!r}, not logic")
@@ -58,6 +64,7 @@ def summarize(folder: Path, wall_seconds: float | None, load: list[float] | None
         "seed": json.loads((folder / "models" / "fingerprint.json").read_text()).get("settings", {}).get("seed")
         if (folder / "models" / "fingerprint.json").exists() else None,
         "wall_seconds": round(wall_seconds, 1) if wall_seconds is not None else None,
+        "threads": timing.get("threads"),
         "stage_seconds_sum": round(sum(stage_seconds.values()), 1),
         "stage_seconds": stage_seconds,
         "load_average_1min": load,
@@ -101,19 +108,19 @@ def main():
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 holds up better on a shared CPU)")
-    parser.add_argument("--collect", nargs="+", type=Path, help="record these finished run folders instead of running")
+    parser.add_argument("--collect", nargs="+", type=Path, help="record these finished run folders instead of running "
+                                                              "(runs of this script keep their wall time in them)")
     parser.add_argument("--note", default="", help="what else to record about the conditions")
     args = parser.parse_args()
     runs = []
     if args.collect:
-        runs = [summarize(folder, None, None) for folder in args.collect]
+        runs = [summarize(folder) for folder in args.collect]
     else:
         for seed in args.seeds:
             folder = Path(args.out) / f"seed-{seed}"
-            load = [os.getloadavg()[0]]
-            wall = run_seed(folder, args.preset, seed, args.threads)
-            runs.append(summarize(folder, wall, load + [os.getloadavg()[0]]))
-    record = {"cpu_shared_with_another_process": True, "threads": args.threads, "note": args.note,
+            run_seed(folder, args.preset, seed, args.threads)
+            runs.append(summarize(folder))
+    record = {"cpu_shared_with_another_process": True, "note": args.note,
               **aggregate(runs), "runs": runs}
     path = write_result("quickstart_logic", record)
     for run in runs:
