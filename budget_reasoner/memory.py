@@ -150,7 +150,8 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     """Peak memory of one training step of `stage` ("sft", "dpo", "distill" or "grpo") under `preset`, as `plan`
     runs it (default: the plan of that stage on a CUDA card with the bitsandbytes backend)."""
     plan = plan or plan_for(preset, stage, device)
-    settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill, "grpo": preset.grpo}[stage]
+    settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill, "grpo": preset.grpo,
+                "opd": preset.opd}[stage]
     compute, residual = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.residual_dtype]
     sequence = training_sequence(preset, stage)
     sequences = settings.batch_size * (2 if stage == "dpo" else 1)
@@ -184,6 +185,8 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     else:
         logits = DTYPE_BYTES[plan.logits_dtype]
         parts["logits + loss"] = tokens * shape.vocab * (logits + 4 + 4 + (4 if logits == 2 else 0))
+    if stage == "opd":
+        parts.update(_opd_beside_the_step(shape, preset, plan, device, sum(parts.values()) - before_step))
     if stage != "grpo":
         return _with_cuda_overheads(estimate, device)
     engine = vllm_share(preset, device)
@@ -199,10 +202,45 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
 
 def training_sequence(preset: Preset, stage: str) -> int:
     """Tokens of the longest training sequence: model.max_length, or for grpo a prompt (at most
-    grpo.max_prompt_length: longer ones are left out) and its completion."""
+    grpo.max_prompt_length: longer ones are left out) and its completion; for opd a prompt (at most grpo's bound,
+    the same problems) and its sampled completion, within model.max_length."""
     if stage == "grpo":
         return preset.grpo.max_prompt_length + preset.grpo.max_completion_length
+    if stage == "opd":
+        return min(preset.model.max_length, preset.grpo.max_prompt_length + preset.opd.max_completion_length)
     return preset.model.max_length
+
+
+def _opd_beside_the_step(shape: ModelShape, preset: Preset, plan: Plan, device: str, step_bytes: float) -> dict:
+    """What on-policy distillation holds beside the student's training step (train/opd.py): the scoring teacher
+    (distill.teacher or model.teacher) loaded as the preset loads models, whole or streamed a layer at a time (a
+    server's is not this card's), and its no-grad forward over the step's completions; the student's own sampling
+    of them (KV cache at the longest, next-token scores), which happens before the step and raises the peak only
+    where it outgrows it."""
+    parts: dict[str, float] = {}
+    teacher = preset.scoring_teacher
+    if teacher and not teacher.startswith("openai:"):
+        teacher_shape = read_model_shape(teacher)
+        if preset.distill.stream_layers:
+            streamed = estimate_streamed_cache_memory(teacher_shape, device).parts
+            parts["teacher (streamed: one layer + blocks)"] = sum(
+                value for name, value in streamed.items() if not name.startswith(("allocator", "CUDA")))
+        else:
+            cache_plan = plan_for(preset, "cache", device)
+            parts[f"teacher weights ({'NF4' if cache_plan.four_bit else cache_plan.compute_dtype})"] = sum(
+                _with_weights(teacher_shape, cache_plan).parts.values())
+            tokens = preset.opd.batch_size * training_sequence(preset, "opd")
+            compute = DTYPE_BYTES[cache_plan.compute_dtype]
+            parts["teacher forward (one layer, no grad) + top-k chunk"] = (
+                tokens * (4 * teacher_shape.hidden + 3 * teacher_shape.intermediate) * compute
+                + tokens * teacher_shape.hidden * compute
+                + min(tokens, chunk_tokens_for(teacher_shape.vocab, device)) * teacher_shape.vocab * 4 * 2)
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    sequences = preset.opd.batch_size
+    sampling = (sequences * training_sequence(preset, "opd") * shape.layers * 2 * shape.kv_dim * compute
+                + sequences * shape.vocab * 4 * 3)
+    parts[f"sampling beyond the step ({sequences} sequences' KV cache)"] = max(0.0, sampling - step_bytes)
+    return parts
 
 
 def grpo_generation_batch(preset: Preset) -> int:
@@ -453,14 +491,15 @@ def check_preset_fits(preset: Preset, hardware) -> None:
 
 def longest_sequence(shape: ModelShape, preset: Preset, vram_gb: float, stage: str = "sft", headroom: float = 0.10) -> int:
     """The longest training sequence (at the preset's batch size) whose estimate fits `vram_gb` with `headroom`
-    (grpo: its prompt + completion, the completion grown)."""
+    (grpo, opd: its prompt + completion, the completion grown)."""
     import copy
 
     trial = copy.deepcopy(preset)
 
     def fits(length: int) -> bool:
-        if stage == "grpo":
-            trial.grpo.max_completion_length = max(1, length - trial.grpo.max_prompt_length)
+        if stage in ("grpo", "opd"):
+            getattr(trial, stage).max_completion_length = max(1, length - trial.grpo.max_prompt_length)
+            trial.model.max_length = max(trial.model.max_length, length)  # opd's sequence stays within it
         else:
             trial.model.max_length = length
         return estimate_training_memory(shape, trial, stage).fits(vram_gb, headroom)

@@ -34,7 +34,7 @@ import functools
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TRAINING_STAGES = ("sft", "dpo", "distill", "grpo")
+TRAINING_STAGES = ("sft", "dpo", "distill", "grpo", "opd")
 INFERENCE_STAGES = ("generate", "cache", "eval")
 
 
@@ -101,7 +101,7 @@ def plan_for(preset, stage: str, device: str = "cuda", backend: str = "bitsandby
         embeddings_dtype=compute, norms_dtype=compute, residual_dtype=compute,  # no upcast (module docstring)
         lora_dtype="float32" if training else None,
         optimizer_state_bytes=(2 if "8bit" in settings.optimizer else 8) if training else 0,
-        # TRL's DPO and GRPO and our distill always go through a chunked LM head; sft when the preset asks
+        # TRL's DPO and GRPO, our distill and opd always go through a chunked LM head; sft when the preset asks
         logits="chunked" if training and (stage != "sft" or settings.fused_loss) else "full",
         offload_checkpoints=training and backend == "unsloth" and device == "cuda" and settings.gradient_checkpointing,
     )

@@ -46,7 +46,7 @@ def test_the_fused_loss_and_checkpointing_lower_the_estimate():
 def test_every_gpu_preset_fits_its_card_with_10_percent_headroom(name):
     preset = load_preset(name)
     fits, estimates = preset_fits(preset, preset.vram_gb)
-    assert set(estimates) == {"sft", "dpo", "distill", "grpo", "generate", "cache", "eval"}  # the teacher's work too
+    assert set(estimates) == {"sft", "dpo", "distill", "grpo", "opd", "generate", "cache", "eval"}  # the teacher's work too
     assert fits, {stage: round(e.total / GIB, 2) for stage, e in estimates.items()}
 
 
@@ -57,7 +57,7 @@ def test_kv_cache_by_hand_and_a_server_teacher_costs_this_card_nothing():
     # 16 sequences x (1,024 prompt + 1,024 new tokens) x 28 layers x (K and V) x 512 values x 2 bytes (fp16)
     assert estimate.parts["KV cache"] == 16 * 2048 * 28 * 2 * 512 * 2
     preset.model.teacher = "openai:Qwen/Qwen2.5-72B-Instruct"
-    assert set(preset_fits(preset, preset.vram_gb)[1]) == {"sft", "dpo", "distill", "grpo", "eval"}
+    assert set(preset_fits(preset, preset.vram_gb)[1]) == {"sft", "dpo", "distill", "grpo", "opd", "eval"}
 
 
 @pytest.mark.parametrize("name", [name for name in available_presets() if load_preset(name).vram_gb > 0])
@@ -188,3 +188,43 @@ def test_vram_answers_for_grpo():
     assert result.exit_code == 0, result.output
     assert "vLLM engine (colocated, 40% of the card)" in result.output and "fits a 24 GiB card" in result.output
     assert "longest grpo sequence" in result.output
+
+
+@pytest.mark.parametrize("name", ["8gb", "12gb", "t4-16gb", "16gb", "24gb", "48gb", "80gb"])
+def test_every_gpu_presets_opd_fits_beside_its_scoring_teacher(name):
+    """On-policy distillation holds the student's step and the teacher that scores its samples at once."""
+    from budget_reasoner.config import load_preset
+    from budget_reasoner.memory import estimate_training_memory, read_model_shape
+
+    preset = load_preset(name)
+    parts = estimate_training_memory(read_model_shape(preset.model.student), preset, "opd").parts
+    assert any(key.startswith("teacher") for key in parts)  # every GPU preset scores with a local teacher
+    assert estimate_training_memory(read_model_shape(preset.model.student), preset, "opd").fits(preset.vram_gb)
+
+
+def test_opd_counts_the_teacher_beside_the_step_by_hand():
+    """12gb: the 4-bit 7B teacher's weights (as the cache stage loads it) and its no-grad forward over the step's
+    completions sit beside the student's step; a server teacher adds nothing to this card."""
+    from budget_reasoner.config import load_preset
+    from budget_reasoner.memory import (GIB, _with_weights, estimate_training_memory, read_model_shape,
+                                        training_sequence)
+    from budget_reasoner.plan import plan_for
+
+    preset = load_preset("12gb")
+    student, teacher = read_model_shape(preset.model.student), read_model_shape(preset.scoring_teacher)
+    parts = estimate_training_memory(student, preset, "opd").parts
+    weights = sum(_with_weights(teacher, plan_for(preset, "cache")).parts.values())
+    assert parts["teacher weights (NF4)"] == pytest.approx(weights)
+    assert 4.5 * GIB < weights < 5.5 * GIB  # 7.6B parameters: NF4 layers + 16-bit embeddings and head
+    tokens = preset.opd.batch_size * training_sequence(preset, "opd")
+    assert tokens == preset.opd.batch_size * (preset.grpo.max_prompt_length + preset.opd.max_completion_length)
+    served = load_preset("12gb", {"model.teacher": "openai:Qwen/Qwen2.5-7B-Instruct"})
+    served_parts = estimate_training_memory(student, served, "opd").parts
+    assert not any(key.startswith("teacher") for key in served_parts)
+    assert sum(parts.values()) - sum(served_parts.values()) >= weights
+
+
+def test_vram_answers_for_opd():
+    result = CliRunner().invoke(app, ["vram", "--preset", "24gb", "--stage", "opd"])
+    assert result.exit_code == 0, result.output
+    assert "teacher (streamed: one layer + blocks)" in result.output  # the 24gb preset's 72B scores streamed
