@@ -258,7 +258,11 @@ def calibration_path(preset: Preset, domain: Domain | str = "math") -> Path:
     counts = {"generate.num_seed_problems": 0, "generate.num_eval_problems": 0, "eval.benchmark_problems": 0,
               "eval.maj_k": 0, "pretrain.teacher_steps": 1, "pretrain.student_steps": 1}
     counts |= {f"{stage}.{name}": 1 for stage in ("sft", "dpo", "distill", "grpo") for name in ("max_steps", "save_steps")}
-    key = digest({"preset": load_preset_with(preset, counts).to_dict(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    settings = load_preset_with(preset, counts).to_dict()
+    # per-domain entries are applied (for_domain) before a run is planned; the entries of other domains, or what a
+    # --set took out of them, change nothing this calibration measures
+    settings.pop("domains", None)
+    key = digest({"preset": settings, "cpus": os.cpu_count(), "torch": torch.__version__,
                   "budget_reasoner": __version__, "rates": CALIBRATION_SCHEMA}
                  | ({} if get_domain(domain).name == "math" else {"domain": get_domain(domain).settings()}))
     return cache / "calibration" / f"{preset.name}-{key[:16]}.json"
