@@ -122,8 +122,8 @@ def test_a_preset_too_big_for_the_card_is_one_line_before_any_model_loads(monkey
     from budget_reasoner.config import load_preset
 
     fake_card(monkeypatch, "rtx3060")
-    with pytest.raises(BudgetReasonerError, match=r"preset 24gb does not fit NVIDIA GeForce RTX 3060: its eval stage is "
-                                                  r"estimated at 17\.8 GiB, over 10\.6 of its 11\.8 GiB .*--preset 12gb fits it"):
+    with pytest.raises(BudgetReasonerError, match=r"preset 24gb does not fit NVIDIA GeForce RTX 3060: its grpo stage is "
+                                                  r"estimated at 19\.7 GiB, over 10\.6 of its 11\.8 GiB .*--preset 12gb fits it"):
         hardware.hardware_for(load_preset("24gb"))
     assert hardware.hardware_for(load_preset("12gb")).backend == "bitsandbytes"
     fake_card(monkeypatch, "t4")

@@ -186,7 +186,7 @@ def test_grpo_counts_the_group_and_its_generation_by_hand():
 def test_vram_answers_for_grpo():
     result = CliRunner().invoke(app, ["vram", "--preset", "24gb", "--stage", "grpo"])
     assert result.exit_code == 0, result.output
-    assert "vLLM engine (colocated, 40% of the card)" in result.output and "fits a 24 GiB card" in result.output
+    assert "vLLM engine (colocated, 34% of the card)" in result.output and "fits a 24 GiB card" in result.output
     assert "longest grpo sequence" in result.output
 
 
