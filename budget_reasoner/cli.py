@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,7 @@ def friendly_errors(command):
             from budget_reasoner.distributed import lost_a_peer
 
             if (line := lost_a_peer(error)) is not None:  # another rank died: not this one's bug
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM follows: the line is said
                 typer.echo(f"error: {line}", err=True)
                 raise typer.Exit(2) from None
             if not disk_is_full(error, out):

@@ -65,6 +65,9 @@ def leave() -> None:
     exception", SIGABRT) in about one exit in six on this machine, failing a run that had finished."""
     import torch.distributed as dist
 
+    # leaving already (the CLI has said its one line): the launcher's SIGTERM, sent once another rank failed, must
+    # not raise from stop() in here and print a traceback after that line
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
