@@ -36,9 +36,8 @@ from __future__ import annotations
 import random
 
 from budget_reasoner.domains import Problem
-from budget_reasoner.domains.chain import format_chain
+from budget_reasoner.domains.chain import draw_distinct, format_chain
 from budget_reasoner.domains.math import _is_product, first_wrong_step
-from budget_reasoner.errors import BudgetReasonerError
 
 NAME = "bignum"
 VERIFIER = "math"  # the boxed integer, exactly
@@ -83,17 +82,7 @@ def random_problem(rng: random.Random, num_steps: int) -> Problem:
 
 def make_problems(count: int, seed: int, min_steps: int, max_steps: int, exclude=frozenset()) -> list[Problem]:
     """`count` distinct problems of min_steps..max_steps operations, none whose question is in `exclude`."""
-    rng = random.Random(seed)
-    seen, problems, attempts = set(exclude), [], 0
-    while len(problems) < count:
-        attempts += 1
-        if attempts > 50 * count + 1000:
-            raise BudgetReasonerError(f"could not draw {count} distinct bignum problems with {min_steps}-{max_steps} steps")
-        problem = random_problem(rng, rng.randint(min_steps, max_steps))
-        if problem.question not in seen:
-            seen.add(problem.question)
-            problems.append(problem)
-    return problems
+    return draw_distinct(random_problem, count, seed, min_steps, max_steps, exclude, "bignum problems")
 
 
 def operations(problem: Problem) -> list[str]:

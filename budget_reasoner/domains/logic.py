@@ -35,6 +35,7 @@ import random
 import re
 
 from budget_reasoner.domains import Problem
+from budget_reasoner.domains.chain import draw_distinct
 from budget_reasoner.errors import BudgetReasonerError
 
 NAME = "logic"
@@ -117,17 +118,7 @@ def make_problems(count: int, seed: int, min_steps: int, max_steps: int, exclude
     if max_steps >= len(NAMES):
         raise BudgetReasonerError(f"logic puzzles have at most {len(NAMES) - 1} steps ({len(NAMES)} islanders), "
                                   f"got max_steps {max_steps}")
-    rng = random.Random(seed)
-    seen, problems, attempts = set(exclude), [], 0
-    while len(problems) < count:
-        attempts += 1
-        if attempts > 50 * count + 1000:
-            raise BudgetReasonerError(f"could not draw {count} distinct logic puzzles with {min_steps}-{max_steps} steps")
-        problem = random_problem(rng, rng.randint(min_steps, max_steps))
-        if problem.question not in seen:
-            seen.add(problem.question)
-            problems.append(problem)
-    return problems
+    return draw_distinct(random_problem, count, seed, min_steps, max_steps, exclude, "logic puzzles")
 
 
 def _step_parts(line: str) -> tuple[str | None, str, str] | None:

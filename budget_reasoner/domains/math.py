@@ -24,8 +24,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from budget_reasoner.domains.chain import THINK_CLOSE, THINK_OPEN, format_chain, format_direct  # noqa: F401 (re-exported: the math helpers callers use)
-from budget_reasoner.errors import BudgetReasonerError
+from budget_reasoner.domains.chain import THINK_CLOSE, THINK_OPEN, draw_distinct, format_chain, format_direct  # noqa: F401 (re-exported: the math helpers callers use)
 
 DOMAIN = NAME = "math"  # the domain interface (domains/__init__.py): NAME, VERIFIER, make_problems, ...
 VERIFIER = "math"  # verify/math.py: exact numbers, then symbolic equality
@@ -88,18 +87,7 @@ def _is_product(expression: str) -> bool:
 
 def make_problems(count: int, seed: int, min_steps: int, max_steps: int, exclude: set[str] = frozenset()) -> list[Problem]:
     """`count` distinct problems, none of whose questions is in `exclude`; the same seed gives the same list."""
-    rng = random.Random(seed)
-    seen, problems = set(exclude), []
-    attempts = 0
-    while len(problems) < count:
-        attempts += 1
-        if attempts > 50 * count + 1000:
-            raise BudgetReasonerError(f"could not draw {count} distinct problems with {min_steps}-{max_steps} steps")
-        problem = random_problem(rng, rng.randint(min_steps, max_steps))
-        if problem.question not in seen:
-            seen.add(problem.question)
-            problems.append(problem)
-    return problems
+    return draw_distinct(random_problem, count, seed, min_steps, max_steps, exclude)
 
 
 def single_steps(problems: list[Problem]) -> list[Problem]:
