@@ -41,7 +41,8 @@
   The offline world (preset cpu-tiny: teacher and student base trained from scratch) needs two more pieces,
   or NO_OFFLINE_WORLD = "why not" (one line: what the domain needs instead) to refuse it before anything runs:
   make_problems' problems carry `steps`, the lines of their worked chain (chain.format_chain writes it), and
-    def single_steps(problems) -> list    each step as a one-step problem (with its one-line `steps`)
+    def single_steps(problems) -> list    each step as a one-step problem (with its one-line `steps`); it
+                                          gets Problems (attributes question, answer, steps)
   From these train/pretrain.py builds the offline tokenizer (problems of 1..max_steps steps with chains), the
   tiny teacher (the same, with chains) and the student base (single steps with chains; problems of
   min..max_steps steps answered directly): SFT on the teacher's verified chains then teaches the student to
