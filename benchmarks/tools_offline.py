@@ -6,8 +6,8 @@ Per seed, everything from scratch on cpu-tiny, sized down (SIZES; `--set` change
 1. bootstrap the bignum world: the tiny teacher learns chains that call the calculator (a python block per operation,
    its output read back), the student base learns every single operation in both notations (with a call, and as head
    arithmetic), and multi-step problems answered directly. The student has the teacher's shape (1.8M parameters):
-   cpu-tiny's 0.8M student did not learn to copy 4-digit numbers in time (copying a single step's operation into
-   its call: 0% of 60 after 800 base steps, 37% after 2400; the 1.8M shape: 43% after 400, all the one-step ones),
+   cpu-tiny's 0.8M student did not learn to copy 4-digit numbers in time (copying a problem's first operation into
+   its call: 15% of 60 after 800 base steps, 37% after 2400; the 1.8M shape: 43% after 400, all the one-step ones),
    and every tool chain is copying (the question's numbers into the call, the output into the next call). Teacher and
    student base are trained once each (models/ROLE.json records how), so a change to one keeps the other;
 2. generate with tools: the teacher samples chains on the training problems, its calls run in the sandbox, the
