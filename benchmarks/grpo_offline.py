@@ -17,38 +17,31 @@ empty (did it discover chains?) and their length are curves over steps, beside t
 and format parts and the completions' mean length from the stage's log.
 """
 
-import argparse
 import contextlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import write_result  # noqa: E402
-from reproduce import mcnemar  # noqa: E402
+from record import seeded_parser, write_result  # noqa: E402
+from reproduce import mcnemar, verdicts  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished cpu-tiny quickstart folder")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="preset overrides, key=value")
+    parser = seeded_parser(__doc__.splitlines()[0], run=True)
     parser.add_argument("--from-base", action="store_true", help="R1-Zero: start from the untrained student base")
     parser.add_argument("--snapshot-every", type=int, default=0, help="evaluate the adapter every N steps (0: only the end)")
-    parser.add_argument("--write", metavar="NAME")
     args = parser.parse_args()
 
     import torch
 
     from budget_reasoner.config import load_preset, parse_overrides
     from budget_reasoner.eval.run import evaluate
-    from budget_reasoner.io import read_jsonl
     from budget_reasoner.train.grpo import grpo
 
     start_name = "base" if args.from_base else "sft"
     start = args.run / "models" / "student-base" if args.from_base else args.run / "sft"
-    sft_rows = {row["id"]: row["correct"] for row in read_jsonl(args.run / "eval" / start_name / "results.jsonl")}
+    sft_rows = verdicts(args.run / "eval" / start_name)
     problems, held_out = args.run / "data" / "problems" / "train.jsonl", args.run / "data" / "problems" / "held_out.jsonl"
     rows, pooled_before, pooled_after = [], [], []
     for seed in args.seeds:
@@ -61,7 +54,7 @@ def main():
             record = grpo(problems, start, stage, preset)
         # the run's own eval settings (seed 0's sampling), so greedy answers compare like for like
         summary = evaluate(stage, held_out, args.out / f"eval-grpo-seed{seed}", load_preset("cpu-tiny"))
-        after = {row["id"]: row["correct"] for row in read_jsonl(args.out / f"eval-grpo-seed{seed}" / "results.jsonl")}
+        after = verdicts(args.out / f"eval-grpo-seed{seed}")
         ids = sorted(sft_rows)
         before_list, after_list = [sft_rows[i] for i in ids], [after[i] for i in ids]
         pooled_before += before_list

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import write_result  # noqa: E402
-from reproduce import mcnemar  # noqa: E402
+from reproduce import mcnemar, verdicts  # noqa: E402
 
 ARMS = {"sequence": {"distill.alpha": 0.0}, "kd": {}, "kd_only": {"distill.alpha": 1.0},
         "kd_tail": {"distill.kd_tail": True}}
@@ -54,7 +54,6 @@ def main():
 
     from budget_reasoner.config import load_preset
     from budget_reasoner.eval.run import evaluate
-    from budget_reasoner.io import read_jsonl
     from budget_reasoner.train.distill import cache_teacher_topk, distill
 
     held_out = args.run / "data" / "problems" / "held_out.jsonl"
@@ -70,8 +69,8 @@ def main():
             record = distill(cache, args.run / "dpo", stage, preset)
             # the run's own eval settings, so every arm's greedy answers compare like for like
             summary = evaluate(stage, held_out, args.out / f"eval-{arm}-seed{seed}", load_preset("cpu-tiny"))
-            rows = sorted(read_jsonl(args.out / f"eval-{arm}-seed{seed}" / "results.jsonl"), key=lambda row: row["id"])
-            answers += [row["correct"] for row in rows]
+            by_id = verdicts(args.out / f"eval-{arm}-seed{seed}")
+            answers += [by_id[i] for i in sorted(by_id)]
             seeds.append({"seed": seed, "accuracy": summary["accuracy"], "seconds": record["seconds"],
                           "final_loss": next((e["loss"] for e in reversed(record["history"]) if "loss" in e), None)})
             print(json.dumps({"arm": arm, **seeds[-1]}), flush=True)

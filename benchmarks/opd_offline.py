@@ -17,7 +17,6 @@ its chains (mean over seeds), or null when it never did; `vs_sft`, each method's
 (McNemar, pooled). The plot: benchmarks/results/<machine>/opd_offline.png.
 """
 
-import argparse
 import json
 import random
 import statistics
@@ -26,18 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import RESULTS, machine_name, write_result  # noqa: E402
-from reproduce import mcnemar  # noqa: E402
+from record import RESULTS, machine_name, seeded_parser, write_result  # noqa: E402
+from reproduce import mcnemar, verdicts  # noqa: E402
 
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 # the OPD variants: preset overrides on top of the preset's opd section
 VARIANTS = {"opd-topk": {}, "opd-sampled": {"opd.objective": "sampled", "opd.num_generations": 4, "opd.learning_rate": 1e-4}}
-
-
-def verdicts(eval_dir: Path) -> dict:
-    from budget_reasoner.io import read_jsonl
-
-    return {row["id"]: bool(row["correct"]) for row in read_jsonl(eval_dir / "results.jsonl")}
 
 
 def kd_points(run: Path, out: Path, seed: int, preset, eval_preset, held_out: Path) -> list[dict]:
@@ -129,9 +122,8 @@ def matched(kd: list[dict], opd: list[dict]) -> list[dict]:
 def versus_sft(sft: dict, points: list[dict]) -> dict:
     """A method's last point (its most teacher tokens) against the SFT start on the same problems, pooled over seeds."""
     last = max(p["rank"] for p in points)
-    before, after = [], []
+    ids, before, after = sorted(sft), [], []
     for point in (p for p in points if p["rank"] == last):
-        ids = sorted(sft)
         before += [sft[i] for i in ids]
         after += [point["verdicts"][i] for i in ids]
     return {"teacher_tokens": statistics.mean(p["teacher_tokens"] for p in points if p["rank"] == last),
@@ -178,13 +170,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished cpu-tiny quickstart folder")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="preset overrides, key=value")
-    parser.add_argument("--write", metavar="NAME")
-    args = parser.parse_args()
+    args = seeded_parser(__doc__.splitlines()[0], run=True).parse_args()
 
     from budget_reasoner.config import load_preset, parse_overrides
     from budget_reasoner.eval.run import evaluate
@@ -210,6 +196,7 @@ def main():
     reach = {name: next((row["teacher_tokens"]["mean"] for row in curves[name] if row["accuracy"]["mean"] >= kd_best), None)
              for name in VARIANTS}
     preset = load_preset("cpu-tiny", parse_overrides(args.overrides))
+    sft_verdicts = verdicts(args.out / "eval-sft")
     strip = lambda found: [{k: v for k, v in p.items() if k != "verdicts"} for p in found]  # noqa: E731
     result = {"run": str(args.run), "overrides": args.overrides, "seeds": args.seeds,
               "cpu_shared_with_another_process": True, "opd_settings": settings,
@@ -217,7 +204,8 @@ def main():
               "sft_accuracy": sft["accuracy"], "curves": curves,
               "matched": {name: matched(points["kd"], points[name]) for name in VARIANTS},
               "tokens_to_reach_kd": reach,
-              "vs_sft": {name: versus_sft(verdicts(args.out / "eval-sft"), found) for name, found in points.items()}, "points": {name: strip(found) for name, found in points.items()},
+              "vs_sft": {name: versus_sft(sft_verdicts, found) for name, found in points.items()},
+              "points": {name: strip(found) for name, found in points.items()},
               "opd_runs": runs}
     print(json.dumps({"curves": {n: [(round(r["teacher_tokens"]["mean"]), round(r["accuracy"]["mean"], 3)) for r in c]
                                  for n, c in curves.items()}, "matched": result["matched"]}, indent=1))

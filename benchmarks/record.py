@@ -3,6 +3,7 @@ made it, the commit it ran at and the machine it ran on. The README's tables are
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -48,3 +49,16 @@ def write_result(name: str, numbers: dict) -> Path:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **numbers}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def seeded_parser(description: str, run: bool = False) -> argparse.ArgumentParser:
+    """The options the offline benchmarks share: --out, --seeds, --set (preset overrides) and --write, and with `run`
+    --run, the finished cpu-tiny quickstart folder they start from."""
+    parser = argparse.ArgumentParser(description=description)
+    if run:
+        parser.add_argument("--run", type=Path, required=True, help="a finished cpu-tiny quickstart folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="preset overrides, key=value")
+    parser.add_argument("--write", metavar="NAME")
+    return parser

@@ -69,6 +69,11 @@ def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
 
 
+def verdicts(eval_folder: Path) -> dict[str, bool]:
+    """An eval folder's verdict per problem id (its results.jsonl): what McNemar pairs across models."""
+    return {row["id"]: bool(row["correct"]) for row in _rows(eval_folder)}
+
+
 def mcnemar(before: list[bool], after: list[bool]) -> dict:
     """Exact two-sided McNemar test on paired verdicts: only the problems the two disagree on count."""
     gained = sum(1 for a, b in zip(before, after) if b and not a)

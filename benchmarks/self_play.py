@@ -13,31 +13,17 @@ same continued SFT on the teacher's chains alone. Every model answers the run's 
 settings); McNemar's exact test on the problems two models disagree on, per seed and pooled over seeds.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import write_result  # noqa: E402
-from reproduce import mcnemar  # noqa: E402
-
-
-def verdicts(folder: Path, ids: list[str]) -> list[bool]:
-    from budget_reasoner.io import read_jsonl
-
-    by_id = {row["id"]: row["correct"] for row in read_jsonl(folder / "results.jsonl")}
-    return [by_id[i] for i in ids]
+from record import seeded_parser, write_result  # noqa: E402
+from reproduce import mcnemar, verdicts  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished cpu-tiny quickstart folder")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="preset overrides, key=value")
-    parser.add_argument("--write", metavar="NAME")
-    args = parser.parse_args()
+    args = seeded_parser(__doc__.splitlines()[0], run=True).parse_args()
 
     import torch
 
@@ -61,7 +47,8 @@ def main():
 
     def held_out_accuracy(stage: Path, name: str) -> list[bool]:
         evaluate(stage, held_out, out / f"eval-{name}", eval_preset, hardware=hardware)
-        return verdicts(out / f"eval-{name}", ids)
+        answers = verdicts(out / f"eval-{name}")
+        return [answers[i] for i in ids]
 
     round_one = held_out_accuracy(run / "sft", "round1")
     sampled = out / "selfplay-2"

@@ -21,7 +21,6 @@ Per seed, everything from scratch on cpu-tiny, sized down (SIZES; `--set` change
 Stage folders resume (a rerun of the same command continues where it stopped).
 """
 
-import argparse
 import json
 import sys
 import time
@@ -29,8 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import write_result  # noqa: E402
-from reproduce import mcnemar  # noqa: E402
+from record import seeded_parser, write_result  # noqa: E402
+from reproduce import mcnemar, verdicts  # noqa: E402
 
 SIZES = {
     "model.max_length": 192, "generate.min_steps": 1, "generate.max_steps": 2,
@@ -76,11 +75,7 @@ def bootstrap_role(out: Path, preset, domain, role: str) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="preset overrides, key=value")
-    parser.add_argument("--write", metavar="NAME")
+    parser = seeded_parser(__doc__.splitlines()[0])
     parser.add_argument("--note", default="", help="the conditions: other jobs beside it, seeds run at the same time")
     args = parser.parse_args()
 
@@ -91,6 +86,7 @@ def main():
     from budget_reasoner.hardware import hardware_for
     from budget_reasoner.io import read_jsonl, write_jsonl
     from budget_reasoner.recipe import make_teacher
+    from budget_reasoner.train.sft import sft
 
     domain = get_domain("bignum")
     rows, pooled_plain, pooled_tools = [], [], []
@@ -114,8 +110,6 @@ def main():
                       for row in tool_rows]
         write_jsonl(out / "plain" / "train.jsonl", plain_rows)
 
-        from budget_reasoner.train.sft import sft
-
         sft(out / "data" / "sft" / "train.jsonl", out / "models" / "student-base", out / "sft-tools", preset)
         sft(out / "plain" / "train.jsonl", out / "models" / "student-base", out / "sft-plain", preset)
         held_out = out / "data" / "problems" / "held_out.jsonl"
@@ -126,11 +120,11 @@ def main():
             "teacher_with_tools": evaluate(out / "models" / "teacher", held_out, out / "eval" / "teacher", with_tools,
                                            domain),
         }
-        verdicts = {name: {r["id"]: r["correct"] for r in read_jsonl(out / "eval" / folder / "results.jsonl")}
-                    for name, folder in (("tool_student", "sft-tools"), ("plain_student", "sft-plain"))}
-        ids = sorted(verdicts["plain_student"])
-        plain = [verdicts["plain_student"][i] for i in ids]
-        tools = [verdicts["tool_student"][i] for i in ids]
+        answers = {name: verdicts(out / "eval" / folder)
+                   for name, folder in (("tool_student", "sft-tools"), ("plain_student", "sft-plain"))}
+        ids = sorted(answers["plain_student"])
+        plain = [answers["plain_student"][i] for i in ids]
+        tools = [answers["tool_student"][i] for i in ids]
         pooled_plain += plain
         pooled_tools += tools
         rows.append({
