@@ -150,8 +150,7 @@ def estimate_training_memory(shape: ModelShape, preset: Preset, stage: str = "sf
     """Peak memory of one training step of `stage` ("sft", "dpo", "distill" or "grpo") under `preset`, as `plan`
     runs it (default: the plan of that stage on a CUDA card with the bitsandbytes backend)."""
     plan = plan or plan_for(preset, stage, device)
-    settings = {"sft": preset.sft, "dpo": preset.dpo, "distill": preset.distill, "grpo": preset.grpo,
-                "opd": preset.opd}[stage]
+    settings = getattr(preset, stage)
     compute, residual = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.residual_dtype]
     sequence = training_sequence(preset, stage)
     sequences = settings.batch_size * (2 if stage == "dpo" else 1)
